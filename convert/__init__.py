@@ -1,0 +1,20 @@
+"""Ladder Residual Llama: the model, and `ladder-convert`, which rewires a Llama checkpoint without loading it.
+
+Importing this package registers the model with transformers' Auto classes, so ladder checkpoints load without
+`trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .configuration_ladder_llama import LadderLlamaConfig
+from .modeling_ladder_llama import LadderLlamaForCausalLM, LadderLlamaModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register(LadderLlamaConfig.model_type, LadderLlamaConfig, exist_ok=True)
+AutoModelForCausalLM.register(LadderLlamaConfig, LadderLlamaForCausalLM, exist_ok=True)
+# `save_pretrained` then writes `auto_map` and ships the two modeling files with the weights.
+LadderLlamaConfig.register_for_auto_class()
+LadderLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["LadderLlamaConfig", "LadderLlamaForCausalLM", "LadderLlamaModel", "__version__"]

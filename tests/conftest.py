@@ -1,0 +1,84 @@
+"""Shared fixtures: the real SmolLM2 checkpoint (fetched once into the cache), tiny random Llamas, and a slow explicit
+implementation of the ladder wiring written straight from the pseudo-code, to check the model against."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from convert import LadderLlamaConfig, LadderLlamaForCausalLM
+from convert.smollm2 import fetch_smollm2
+
+TINY = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return fetch_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).eval()
+
+
+def ladder_twin(stock: LlamaForCausalLM, ladder_layers, **config_overrides) -> LadderLlamaForCausalLM:
+    """The same weights as `stock`, rewired."""
+    fields = {k: v for k, v in stock.config.to_dict().items() if k not in ("model_type", "architectures")}
+    config = LadderLlamaConfig(**{**fields, **config_overrides}, ladder_layers=list(ladder_layers))
+    model = LadderLlamaForCausalLM(config).to(stock.dtype).eval()
+    model.load_state_dict(stock.state_dict())
+    return model
+
+
+@torch.no_grad()
+def explicit_ladder_logits(stock: LlamaForCausalLM, input_ids: torch.Tensor, ladder_layers) -> torch.Tensor:
+    """The wiring, exactly as written in the design card, over a stock Llama's own modules."""
+    inner = stock.model
+    seq_len = input_ids.shape[1]
+    x = inner.embed_tokens(input_ids)
+    cos_sin = inner.rotary_emb(x, torch.arange(seq_len)[None])
+    causal = torch.full((seq_len, seq_len), float("-inf")).triu(1)[None, None]
+
+    def attn(layer, h):
+        return layer.self_attn(layer.input_layernorm(h), position_embeddings=cos_sin, attention_mask=causal)[0]
+
+    def mlp(layer, h):
+        return layer.mlp(layer.post_attention_layernorm(h))
+
+    A = H = x
+    for i, layer in enumerate(inner.layers):
+        if i not in ladder_layers:
+            A = H + attn(layer, H)
+            H = A + mlp(layer, A)
+        else:
+            a = attn(layer, A)
+            m = mlp(layer, H)
+            A = H + a
+            H = A + m
+    return stock.lm_head(inner.norm(H))
+
+
+def save_tiny_checkpoint(directory: Path, model: LlamaForCausalLM | None = None, max_shard_size="40KB") -> Path:
+    """A small sharded Llama checkpoint on disk, for converter tests."""
+    (model or tiny_llama()).save_pretrained(directory, max_shard_size=max_shard_size)
+    return directory
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,269 @@
+"""`ladder-convert`: byte-identical shards, a checkpoint that loads both ways, and one-line errors on bad input."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_json, save_tiny_checkpoint, tiny_llama
+from transformers import AutoModelForCausalLM
+
+from convert import LadderLlamaForCausalLM, converter
+from convert.converter import ConvertError, parse_layers
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    ladder_convert = Path(sys.executable).with_name("ladder-convert")
+    return subprocess.run([ladder_convert, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ladder-convert: error: ")]
+    assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1], result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.endswith(".partial") or ".old-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def converted_smollm2(smollm2_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("converted") / "smollm2-ladder15"
+    result = run_cli(str(smollm2_dir), "--layers", "15", "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+def test_smollm2_conversion_keeps_shards_byte_identical(smollm2_dir, converted_smollm2):
+    shards = sorted(p.name for p in smollm2_dir.glob("*.safetensors"))
+    assert len(shards) > 1
+    provenance = read_json(converted_smollm2 / "ladder_provenance.json")
+    for name in shards:
+        digest = sha256(smollm2_dir / name)
+        assert sha256(converted_smollm2 / name) == digest == provenance["shards_sha256"][name]
+        assert (converted_smollm2 / name).stat().st_ino == (smollm2_dir / name).stat().st_ino  # hardlinked
+    assert provenance["ladder_layers"] == list(range(15, 30))
+    assert provenance["source"] == str(smollm2_dir)
+    config = read_json(converted_smollm2 / "config.json")
+    assert config["model_type"] == "ladder_llama" and config["architectures"] == ["LadderLlamaForCausalLM"]
+    assert config["ladder_layers"] == list(range(15, 30))
+    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json", "modeling_ladder_llama.py"):
+        assert (converted_smollm2 / name).is_file()
+    assert not leftovers(converted_smollm2.parent)
+
+
+def test_converted_smollm2_loads_with_and_without_remote_code(converted_smollm2, smollm2_tokenizer, tmp_path):
+    ids = smollm2_tokenizer("The ladder residual", return_tensors="pt")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(converted_smollm2)
+    assert type(model) is LadderLlamaForCausalLM
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.save({"ids": ids}, tmp_path / "ids.pt")
+
+    # A fresh process in which our package cannot be imported: only the shipped remote code can build the model.
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["convert"] = None  # makes `import convert` fail
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(converted_smollm2)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ids = torch.load({str(tmp_path / "ids.pt")!r}, weights_only=True)["ids"]
+        with torch.no_grad():
+            torch.save({{"logits": model(ids).logits}}, {str(tmp_path / "remote.pt")!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    remote = torch.load(tmp_path / "remote.pt", weights_only=True)["logits"]
+    assert torch.equal(remote, logits)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    return save_tiny_checkpoint(tmp_path / "tiny")
+
+
+def test_parse_layers():
+    assert parse_layers("2", 6) == [4, 5]
+    assert parse_layers("6", 6) == list(range(6))
+    assert parse_layers("2-4", 6) == [2, 3, 4]
+    assert parse_layers("0, 3-4,1", 6) == [0, 1, 3, 4]
+    assert parse_layers("5-5", 6) == [5]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("", "empty"), ("0", "count from 1 to 6"), ("7", "count from 1 to 6"), ("4-9", "out of range"),
+     ("a,b", "malformed"), ("3-1", "malformed"), ("1,,2", "malformed"), ("-2", "malformed")],
+)  # fmt: skip
+def test_bad_layers_are_one_line_errors(tiny_dir, tmp_path, spec, message, capsys):
+    output = tmp_path / "out"
+    assert converter.main([str(tiny_dir), "--layers", spec, "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not output.exists() and not leftovers(tmp_path)
+
+
+def break_checkpoint(directory: Path, how: str) -> None:
+    shards = sorted(directory.glob("*.safetensors"))
+    if how == "no config.json":
+        (directory / "config.json").unlink()
+    elif how == "not llama":
+        config = read_json(directory / "config.json")
+        (directory / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    elif how == "already ladder":
+        config = read_json(directory / "config.json")
+        (directory / "config.json").write_text(json.dumps({**config, "model_type": "ladder_llama"}))
+    elif how == "truncated shard":
+        data = shards[-1].read_bytes()
+        shards[-1].write_bytes(data[: len(data) - 100])
+    elif how == "corrupted header":
+        data = bytearray(shards[0].read_bytes())
+        data[8:20] = b"\x00garbage!!!!"
+        shards[0].write_bytes(bytes(data))
+    elif how == "missing shard":
+        shards[1].unlink()
+    elif how == "pickle only":
+        for shard in shards:
+            shard.unlink()
+        (directory / "model.safetensors.index.json").unlink()
+        torch.save(tiny_llama().state_dict(), directory / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [("no config.json", "has no config.json"), ("not llama", "'mistral' is not supported; supported: llama"),
+     ("already ladder", "already a ladder checkpoint"), ("truncated shard", "truncated or corrupted"),
+     ("corrupted header", "not a valid safetensors file"), ("missing shard", "missing shards"),
+     ("pickle only", "refuses to unpickle")],
+)  # fmt: skip
+def test_bad_checkpoints_are_one_line_errors(tiny_dir, tmp_path, how, message, capsys):
+    break_checkpoint(tiny_dir, how)
+    output = tmp_path / "out"
+    assert converter.main([str(tiny_dir), "--layers", "2", "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not output.exists() and not leftovers(tmp_path)
+
+
+def test_missing_path_and_existing_output(tiny_dir, tmp_path):
+    assert_one_line_error(run_cli(str(tmp_path / "nowhere"), "--layers", "2", "--output", str(tmp_path / "o")), "no such directory")
+    assert not (tmp_path / "o").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    assert_one_line_error(run_cli(str(tiny_dir), "--layers", "2", "--output", str(existing)), "--overwrite")
+    assert (existing / "keep.txt").read_text() == "mine"
+    # --overwrite replaces it with a complete checkpoint.
+    assert run_cli(str(tiny_dir), "--layers", "2", "--output", str(existing), "--overwrite").returncode == 0
+    assert not (existing / "keep.txt").exists() and read_json(existing / "config.json")["ladder_layers"] == [4, 5]
+    assert not leftovers(tmp_path)
+
+
+def test_hub_id_while_offline_is_a_one_line_error(tmp_path):
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = run_cli("meta-llama/Llama-3.1-8B-Instruct", "--layers", "16", "--output", str(tmp_path / "o"), env=offline)
+    assert_one_line_error(result, "meta-llama/Llama-3.1-8B-Instruct", "offline")
+    assert not (tmp_path / "o").exists()
+
+
+def make_hub_cache(cache: Path, repo_id: str, checkpoint: Path, commit: str = "a" * 40) -> None:
+    """Lay `checkpoint` out as huggingface_hub's cache does: blobs named by sha256, a snapshot of symlinks, a ref."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for file in checkpoint.iterdir():
+        blob = repo / "blobs" / sha256(file)
+        shutil.copyfile(file, blob)
+        (repo / "snapshots" / commit / file.name).symlink_to(blob)
+
+
+def test_hub_source_from_the_local_cache_records_revision_and_catches_corrupted_blobs(tiny_dir, tmp_path):
+    cache = tmp_path / "hub"
+    make_hub_cache(cache, "my-org/tiny-llama", tiny_dir)
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    result = run_cli("my-org/tiny-llama", "--layers", "2", "--output", str(tmp_path / "o"), env=offline)
+    assert result.returncode == 0, result.stderr
+    provenance = read_json(tmp_path / "o" / "ladder_provenance.json")
+    assert provenance["source"] == "my-org/tiny-llama" and provenance["revision"] == "a" * 40
+
+    blob = next(b for b in (cache / "models--my-org--tiny-llama" / "blobs").iterdir() if b.stat().st_size > 10_000)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # flip bits in the tensor data: the header still describes the file correctly
+    blob.write_bytes(bytes(data))
+    result = run_cli("my-org/tiny-llama", "--layers", "2", "--output", str(tmp_path / "o2"), env=offline)
+    assert_one_line_error(result, "is corrupted")
+    assert not (tmp_path / "o2").exists() and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "error_name, message", [("GatedRepoError", "is gated"), ("RepositoryNotFoundError", "nor a Hub repository you can see")]
+)
+def test_hub_errors_are_explained(monkeypatch, tmp_path, error_name, message):
+    import huggingface_hub
+    import huggingface_hub.errors
+
+    error = getattr(huggingface_hub.errors, error_name)
+
+    def refuse(*args, **kwargs):
+        raise error("401 Client Error", response=SimpleNamespace(headers={}, request=None))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    with pytest.raises(ConvertError, match=message):
+        converter.convert("meta-llama/Llama-3.1-8B-Instruct", "16", tmp_path / "o")
+
+
+def test_interrupted_conversion_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
+    def interrupt(paths):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(converter, "hash_shards", interrupt)
+    assert converter.main([str(tiny_dir), "--layers", "2", "--output", str(tmp_path / "o")]) == 130
+    assert not (tmp_path / "o").exists() and not leftovers(tmp_path)
+
+
+def test_shards_are_copied_across_filesystems(tiny_dir, tmp_path, monkeypatch):
+    def cross_device_link(source, target):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device_link)
+    output = converter.convert(str(tiny_dir), "0-1,3", tmp_path / "o")
+    for shard in tiny_dir.glob("*.safetensors"):
+        assert sha256(output / shard.name) == sha256(shard)
+        assert (output / shard.name).stat().st_ino != shard.stat().st_ino
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert model.config.ladder_layers == [0, 1, 3]
+
+
+def test_llama31_config_keeps_its_rope_scaling(tmp_path):
+    llama31_rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    source = save_tiny_checkpoint(tmp_path / "llama31", tiny_llama(rope_parameters=llama31_rope))
+    config = read_json(source / "config.json")
+    # Llama-3.1's own config.json spells it the pre-5.0 way: `rope_scaling` plus a top-level `rope_theta`.
+    config.pop("rope_parameters")
+    config["rope_scaling"] = {k: v for k, v in llama31_rope.items() if k != "rope_theta"}
+    config["rope_theta"] = 500000.0
+    (source / "config.json").write_text(json.dumps(config))
+    output = converter.convert(str(source), "2", tmp_path / "o")
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert model.config.rope_parameters["rope_type"] == "llama3"
+    assert model.config.rope_parameters["factor"] == 8.0
