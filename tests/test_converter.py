@@ -45,7 +45,7 @@ def leftovers(parent: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def converted_smollm2(smollm2_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("converted") / "smollm2-ladder15"
-    result = run_cli(str(smollm2_dir), "--layers", "15", "--output", str(output))
+    result = run_cli(str(smollm2_dir), "--layers", "15", "--output", str(output), "--no-eval")
     assert result.returncode == 0, result.stderr
     return output
 
@@ -114,7 +114,7 @@ def test_parse_layers():
 )  # fmt: skip
 def test_bad_layers_are_one_line_errors(tiny_dir, tmp_path, spec, message, capsys):
     output = tmp_path / "out"
-    assert converter.main([str(tiny_dir), "--layers", spec, "--output", str(output)]) == 2
+    assert converter.main([str(tiny_dir), "--layers", spec, "--output", str(output), "--no-eval"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not output.exists() and not leftovers(tmp_path)
@@ -156,7 +156,7 @@ def break_checkpoint(directory: Path, how: str) -> None:
 def test_bad_checkpoints_are_one_line_errors(tiny_dir, tmp_path, how, message, capsys):
     break_checkpoint(tiny_dir, how)
     output = tmp_path / "out"
-    assert converter.main([str(tiny_dir), "--layers", "2", "--output", str(output)]) == 2
+    assert converter.main([str(tiny_dir), "--layers", "2", "--output", str(output), "--no-eval"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not output.exists() and not leftovers(tmp_path)
@@ -171,7 +171,7 @@ def test_missing_path_and_existing_output(tiny_dir, tmp_path):
     assert_one_line_error(run_cli(str(tiny_dir), "--layers", "2", "--output", str(existing)), "--overwrite")
     assert (existing / "keep.txt").read_text() == "mine"
     # --overwrite replaces it with a complete checkpoint.
-    assert run_cli(str(tiny_dir), "--layers", "2", "--output", str(existing), "--overwrite").returncode == 0
+    assert run_cli(str(tiny_dir), "--layers", "2", "--output", str(existing), "--overwrite", "--no-eval").returncode == 0
     assert not (existing / "keep.txt").exists() and read_json(existing / "config.json")["ladder_layers"] == [4, 5]
     assert not leftovers(tmp_path)
 
@@ -200,7 +200,7 @@ def test_hub_source_from_the_local_cache_records_revision_and_catches_corrupted_
     cache = tmp_path / "hub"
     make_hub_cache(cache, "my-org/tiny-llama", tiny_dir)
     offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    result = run_cli("my-org/tiny-llama", "--layers", "2", "--output", str(tmp_path / "o"), env=offline)
+    result = run_cli("my-org/tiny-llama", "--layers", "2", "--output", str(tmp_path / "o"), "--no-eval", env=offline)
     assert result.returncode == 0, result.stderr
     provenance = read_json(tmp_path / "o" / "ladder_provenance.json")
     assert provenance["source"] == "my-org/tiny-llama" and provenance["revision"] == "a" * 40
@@ -209,7 +209,7 @@ def test_hub_source_from_the_local_cache_records_revision_and_catches_corrupted_
     data = bytearray(blob.read_bytes())
     data[-1] ^= 0xFF  # flip bits in the tensor data: the header still describes the file correctly
     blob.write_bytes(bytes(data))
-    result = run_cli("my-org/tiny-llama", "--layers", "2", "--output", str(tmp_path / "o2"), env=offline)
+    result = run_cli("my-org/tiny-llama", "--layers", "2", "--output", str(tmp_path / "o2"), "--no-eval", env=offline)
     assert_one_line_error(result, "is corrupted")
     assert not (tmp_path / "o2").exists() and not leftovers(tmp_path)
 
@@ -236,7 +236,7 @@ def test_interrupted_conversion_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(converter, "hash_shards", interrupt)
-    assert converter.main([str(tiny_dir), "--layers", "2", "--output", str(tmp_path / "o")]) == 130
+    assert converter.main([str(tiny_dir), "--layers", "2", "--output", str(tmp_path / "o"), "--no-eval"]) == 130
     assert not (tmp_path / "o").exists() and not leftovers(tmp_path)
 
 

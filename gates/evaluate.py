@@ -1,0 +1,172 @@
+"""Run a gate: measure candidate and reference with the suite, judge the thresholds, write the report.
+
+The reference's results are cached, keyed by its weights (shard hashes), its tokenizer, the suite, the data, the
+device type and the dtype, so gating a second candidate against the same original does not recompute it.
+"""
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import convert  # noqa: F401  (registers the ladder model with the Auto classes)
+from convert.converter import PROVENANCE_FILE, ConvertError, find_shards, hash_shards, resolve_source
+
+from . import benchmarks, fidelity, generation, report
+from .config import DEFAULT_GATES_FILE, GatesFile, GateUsageError, load_gates_file
+from .data import DATA_DIR
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
+
+
+class EvalUsageError(GateUsageError):
+    """A missing candidate or reference, or two models that cannot be compared."""
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    failing: list[str]
+    report_path: Path
+    rows: list[report.Row]
+
+
+def run_gate(
+    candidate: Path | str,
+    gate: str,
+    reference: str | None = None,
+    gates_file: Path | str = DEFAULT_GATES_FILE,
+    device: str | None = None,
+    dtype: str = "auto",
+    use_cache: bool = True,
+    label: str | None = None,
+) -> Verdict:
+    """`label` names the candidate in the report (default: its path)."""
+    start = time.perf_counter()
+    gates = load_gates_file(gates_file)
+    if gate not in gates.gates:
+        raise EvalUsageError(f"unknown gate {gate!r}; {Path(gates_file).name} defines: {', '.join(gates.gates)}")
+    manager = benchmarks.task_manager() if gates.suite.benchmarks else None
+    if manager:
+        benchmarks.check_tasks(gates.suite.benchmarks.tasks, manager)
+    candidate = Path(candidate)
+    if not (candidate / "config.json").is_file():
+        raise EvalUsageError(f"candidate {candidate} is not a checkpoint directory (no config.json)")
+    reference_name = reference or _provenance_source(candidate)
+    try:
+        reference_dir = resolve_source(reference_name, None).directory
+    except ConvertError as error:
+        raise EvalUsageError(f"reference: {error}") from None
+    tokenizer = _matching_tokenizer(reference_dir, candidate)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = _resolve_dtype(dtype, device)
+
+    cache_file = _cache_file(reference_dir, gates, device, torch_dtype)
+    reference_results = _load_cached(cache_file) if use_cache else None
+    if reference_results is None:
+        print(f"measuring the reference {reference_name}", flush=True)
+        reference_results = measure(_load(reference_dir, device, torch_dtype), tokenizer, gates, manager)
+        _save_cached(cache_file, reference_results)
+    else:
+        print(f"reference results from the cache ({cache_file})", flush=True)
+    print(f"measuring the candidate {candidate}", flush=True)
+    metrics = measure(_load(candidate, device, torch_dtype), tokenizer, gates, manager, reference_results)
+
+    rows = report.judge(metrics, gates.gates[gate])
+    seconds = time.perf_counter() - start
+    facts = {
+        "candidate": label or str(candidate), "reference": reference_name, "device": str(device),
+        "dtype": str(torch_dtype).removeprefix("torch."), "suite": gates.suite.as_dict(), "seconds": round(seconds, 1),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    report_path = report.write(candidate, gate, rows, facts)
+    print(report.markdown(rows, f"gate {gate}"))
+    print(f"gate {gate}: {'passed' if not report.failing(rows) else 'FAILED'} in {seconds:.0f} s; report: {report_path}")
+    return Verdict(not report.failing(rows), report.failing(rows), report_path, rows)
+
+
+def measure(model, tokenizer, gates: GatesFile, manager, reference: dict | None = None):
+    """Without `reference`: the reference's raw results (cacheable). With it: {metric: (reference, candidate)}."""
+    suite = gates.suite
+    raw, metrics = {}, {}
+    if suite.fidelity:
+        batches = fidelity.chat_batches(tokenizer, suite.fidelity)
+        if reference is None:
+            raw["fidelity"] = fidelity.reference_targets(model, batches, suite.fidelity.top_k)
+        else:
+            metrics |= fidelity.compare(model, batches, reference["fidelity"])
+    if suite.benchmarks:
+        scores = benchmarks.run(model, tokenizer, suite.benchmarks, manager)
+        if reference is None:
+            raw["benchmarks"] = scores
+        else:
+            metrics |= {name: (reference["benchmarks"][name], value) for name, value in scores.items()}
+    if suite.generation:
+        answers = generation.greedy_answers(model, tokenizer, suite.generation)
+        if reference is None:
+            raw["generation"] = answers
+        else:
+            metrics |= generation.compare(reference["generation"], answers)
+    return raw if reference is None else metrics
+
+
+def _provenance_source(candidate: Path) -> str:
+    provenance = candidate / PROVENANCE_FILE
+    if not provenance.is_file():
+        raise EvalUsageError(f"{candidate} has no {PROVENANCE_FILE} naming its original: pass --reference")
+    return json.loads(provenance.read_text())["source"]
+
+
+def _matching_tokenizer(reference_dir: Path, candidate: Path):
+    reference_tokenizer = AutoTokenizer.from_pretrained(reference_dir)
+    candidate_tokenizer = AutoTokenizer.from_pretrained(candidate)
+    if reference_tokenizer.get_vocab() != candidate_tokenizer.get_vocab():
+        raise EvalUsageError(f"the reference's tokenizer differs from the candidate's: they cannot be compared token by token")
+    vocab_sizes = {json.loads((d / "config.json").read_text()).get("vocab_size") for d in (reference_dir, candidate)}
+    if len(vocab_sizes) != 1:
+        raise EvalUsageError(f"the reference and the candidate have different vocabulary sizes {sorted(vocab_sizes)}")
+    if reference_tokenizer.pad_token is None:  # Llama 3 has none; padding is masked out anyway
+        reference_tokenizer.pad_token = reference_tokenizer.eos_token
+    return reference_tokenizer
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def _load(path: Path, device: torch.device, dtype: torch.dtype):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def _cache_file(reference_dir: Path, gates: GatesFile, device: torch.device, dtype: torch.dtype) -> Path:
+    try:
+        weights = hash_shards([reference_dir / name for name in find_shards(reference_dir)])
+    except ConvertError as error:
+        raise EvalUsageError(f"reference: {error}") from None
+    small_files = [reference_dir / n for n in TOKENIZER_FILES] + sorted(DATA_DIR.iterdir())
+    key = {
+        "weights": weights,
+        "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in small_files if f.is_file()},
+        "suite": gates.suite.as_dict(), "device": device.type, "dtype": str(dtype), "version": convert.__version__,
+    }  # fmt: skip
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return convert.cache_root() / "gates" / f"reference-{digest}.pt"
+
+
+def _load_cached(path: Path) -> dict | None:
+    return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+def _save_cached(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    torch.save(results, partial)
+    partial.rename(path)

@@ -1,0 +1,56 @@
+"""A gate's verdict: one row per metric (reference | candidate | delta | threshold | pass), as JSON and Markdown."""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import THRESHOLD_KINDS
+
+SYMBOLS = {"max": "≤", "min": "≥", "ratio_max": "ratio ≤", "drop_max": "drop ≤"}
+
+
+@dataclass
+class Row:
+    metric: str
+    reference: float
+    candidate: float
+    delta: float
+    threshold: str  # empty when the gate sets none
+    passed: bool | None  # None when the gate sets no threshold on this metric
+
+
+def judge(metrics: dict[str, tuple[float, float]], thresholds: dict[str, dict[str, float]]) -> list[Row]:
+    rows = []
+    for metric, (reference, candidate) in metrics.items():
+        rules = thresholds.get(metric, {})
+        passed = all(THRESHOLD_KINDS[kind](reference, candidate, limit) for kind, limit in rules.items())
+        threshold = ", ".join(f"{SYMBOLS[kind]} {limit:g}" for kind, limit in rules.items())
+        rows.append(Row(metric, reference, candidate, candidate - reference, threshold, passed if rules else None))
+    missing = sorted(set(thresholds) - set(metrics))
+    rows += [Row(m, float("nan"), float("nan"), float("nan"), "not measured", False) for m in missing]
+    return rows
+
+
+def failing(rows: list[Row]) -> list[str]:
+    return [row.metric for row in rows if row.passed is False]
+
+
+def markdown(rows: list[Row], title: str) -> str:
+    lines = [f"### {title}", "", "| metric | reference | candidate | delta | threshold | pass |", "|---|---:|---:|---:|---|---|"]
+    for row in rows:
+        verdict = {True: "yes", False: "**NO**", None: ""}[row.passed]
+        lines.append(
+            f"| {row.metric} | {row.reference:.4f} | {row.candidate:.4f} | {row.delta:+.4f} | {row.threshold} | {verdict} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write(directory: Path, gate: str, rows: list[Row], facts: dict) -> Path:
+    """`ladder_gate_<gate>.json` and `.md` in the candidate's directory, where later stages look for them."""
+    passed = not failing(rows)
+    report = {"gate": gate, "passed": passed, **facts, "rows": [asdict(row) for row in rows]}
+    json_path = directory / f"ladder_gate_{gate}.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    title = f"Gate `{gate}`: {'passed' if passed else 'FAILED'} ({facts['candidate']} vs {facts['reference']})"
+    (directory / f"ladder_gate_{gate}.md").write_text(markdown(rows, title))
+    return json_path

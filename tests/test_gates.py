@@ -1,0 +1,205 @@
+"""Evaluation gates on real SmolLM2 weights: an identical candidate passes, the converted one fails after_adapt,
+the ARC number is lm-eval's own, and bad input is one line with exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ladder_twin, read_json
+
+from convert import converter
+from gates import cli, fidelity
+from gates.config import DEFAULT_GATES_FILE, FidelityConfig, GateConfigError, load_gates_file
+from gates.data import HELDOUT, TRAIN, alpaca_records
+from gates.report import judge
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_gates(path: Path, gates: dict | None = None, **suite_overrides) -> Path:
+    """The default gates (or `gates`) with a suite small enough for tests."""
+    config = yaml.safe_load(DEFAULT_GATES_FILE.read_text())
+    config["gates"] = gates or config["gates"]
+    config["suite"] = {
+        "fidelity": {"chats": 24, "max_length": 256, "top_k": 512, "batch_size": 8},
+        "benchmarks": {"tasks": ["arc_easy_local"], "limit": 60, "batch_size": 16},
+        "generation": {"prompts": 6, "max_new_tokens": 32, "batch_size": 6},
+        **suite_overrides,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def linked_copy(source: Path, target: Path) -> Path:
+    """A checkpoint directory of our own (reports are written into it) without copying the weights."""
+    target.mkdir()
+    for file in source.iterdir():
+        os.link(file, target / file.name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def workspace(smollm2_dir, tmp_path_factory):
+    """A private cache for reference results, and a small gates file."""
+    work = tmp_path_factory.mktemp("gates")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LADDER_CACHE", str(work / "cache"))
+        yield work, small_gates(work / "gates.yaml")
+
+
+def ladder_eval(*args) -> int:
+    return cli.main([str(a) for a in args])
+
+
+def test_identical_candidate_passes_with_exact_numbers(workspace, smollm2_dir, capsys):
+    work, gates = workspace
+    candidate = linked_copy(smollm2_dir, work / "same")
+    assert ladder_eval(candidate, "--reference", smollm2_dir, "--gate", "after_adapt", "--gates-file", gates) == 0
+    report = read_json(candidate / "ladder_gate_after_adapt.json")
+    rows = {row["metric"]: row for row in report["rows"]}
+    assert report["passed"] and rows["kl"]["candidate"] == 0.0
+    assert rows["top1_agreement"]["candidate"] == 1.0
+    for metric in ("response_perplexity", "arc_easy_local/acc", "generation_common_prefix"):
+        assert rows[metric]["candidate"] == rows[metric]["reference"]
+    assert rows["generation_exact_match"]["candidate"] == 1.0
+    assert 0.3 < rows["arc_easy_local/acc"]["reference"] < 0.8  # SmolLM2 answers ARC-Easy well above chance
+    assert "| metric | reference | candidate | delta | threshold | pass |" in (candidate / "ladder_gate_after_adapt.md").read_text()
+    assert "measuring the reference" in capsys.readouterr().out
+
+
+def test_converted_model_fails_after_adapt_and_reuses_the_cached_reference(workspace, smollm2_dir, capsys):
+    work, gates = workspace
+    candidate = work / "ladder15"
+    assert converter.main([str(smollm2_dir), "--layers", "15", "--output", str(candidate), "--no-eval"]) == 0
+    assert not list(candidate.glob("ladder_gate_*"))  # --no-eval skips the gate
+    capsys.readouterr()
+    # No --reference: the provenance names the original.
+    assert ladder_eval(candidate, "--gate", "after_adapt", "--gates-file", gates) == 1
+    captured = capsys.readouterr()
+    assert "reference results from the cache" in captured.out and "measuring the reference" not in captured.out
+    assert "failed on: kl, top1_agreement, response_perplexity" in captured.err
+    rows = {row["metric"]: row for row in read_json(candidate / "ladder_gate_after_adapt.json")["rows"]}
+    assert rows["kl"]["candidate"] > 0.5 and rows["kl"]["passed"] is False
+    assert rows["top1_agreement"]["candidate"] < 0.7
+    # The same model passes the sanity gate: its perplexity is worse, but within 10x.
+    assert ladder_eval(candidate, "--gate", "after_convert", "--gates-file", gates) == 0
+    assert read_json(candidate / "ladder_gate_after_convert.json")["passed"]
+
+
+def test_ladder_convert_runs_the_after_convert_gate(workspace, smollm2_dir):
+    work, gates = workspace
+    output = work / "converted-with-gate"
+    assert converter.main([str(smollm2_dir), "--layers", "15", "--output", str(output), "--gates-file", str(gates)]) == 0
+    report = read_json(output / "ladder_gate_after_convert.json")
+    assert report["passed"] and report["candidate"] == str(output)
+    assert (output / "ladder_gate_after_convert.md").is_file()
+
+
+def test_failing_after_convert_gate_keeps_the_checkpoint_and_exits_1(workspace, smollm2_dir, tmp_path):
+    work, _ = workspace
+    strict = yaml.safe_load((work / "gates.yaml").read_text())
+    strict["gates"]["after_convert"] = {"kl": {"max": 0.01}}
+    gates = tmp_path / "strict.yaml"
+    gates.write_text(yaml.safe_dump(strict))
+    output = tmp_path / "out"
+    assert converter.main([str(smollm2_dir), "--layers", "15", "--output", str(output), "--gates-file", str(gates)]) == 1
+    assert read_json(output / "ladder_gate_after_convert.json")["passed"] is False
+
+
+def test_our_arc_easy_equals_lm_eval_run_directly(workspace, smollm2_dir, tmp_path):
+    work, _ = workspace
+    ours = {r["metric"]: r for r in read_json(work / "same" / "ladder_gate_after_adapt.json")["rows"]}
+    command = [
+        sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={smollm2_dir},dtype=float32",
+        "--tasks", "arc_easy_local", "--include_path", str(REPO / "gates" / "tasks"), "--limit", "60",
+        "--batch_size", "16", "--device", "cpu", "--output_path", str(tmp_path / "lm_eval"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(next((tmp_path / "lm_eval").rglob("results*.json")).read_text())["results"]["arc_easy_local"]
+    assert results["acc,none"] == ours["arc_easy_local/acc"]["reference"]
+    assert results["acc_norm,none"] == ours["arc_easy_local/acc_norm"]["reference"]
+
+
+def test_bucketed_kl_is_close_to_the_exact_kl(smollm2, smollm2_tokenizer):
+    config = FidelityConfig(chats=8, max_length=256, batch_size=8)
+    batch = fidelity.chat_batches(smollm2_tokenizer, config)[0]
+    candidate = ladder_twin(smollm2, range(15, 30))
+    ref_logp, _ = fidelity.response_log_probs(smollm2, batch)
+    cand_logp, _ = fidelity.response_log_probs(candidate, batch)
+    exact = (ref_logp.exp() * (ref_logp - cand_logp)).sum(-1).mean()
+    top, ids = ref_logp.topk(config.top_k, dim=-1)
+    bucketed = fidelity.bucketed_kl(top, cand_logp.gather(1, ids)).mean()
+    assert exact > 0.5
+    assert bucketed <= exact + 1e-4 and (exact - bucketed) / exact < 0.01
+
+
+def test_heldout_split_is_never_in_the_training_split():
+    heldout, train = alpaca_records(HELDOUT), alpaca_records(TRAIN)
+    assert len(heldout) == 500 and len(train) == 4500
+    assert not {r["instruction"] for r in heldout} & {r["instruction"] for r in train}
+    assert HELDOUT.start >= TRAIN.stop
+
+
+def test_thresholds_judge_each_kind():
+    metrics = {"kl": (0.0, 0.04), "top1_agreement": (1.0, 0.85), "ppl": (8.0, 8.4), "arc/acc": (0.50, 0.495)}
+    thresholds = {"kl": {"max": 0.05}, "top1_agreement": {"min": 0.9}, "ppl": {"ratio_max": 1.03},
+                  "arc/acc": {"drop_max": 1.0}, "missing": {"max": 1}}  # fmt: skip
+    verdicts = {row.metric: row.passed for row in judge(metrics, thresholds)}
+    assert verdicts == {"kl": True, "top1_agreement": False, "ppl": False, "arc/acc": True, "missing": False}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("suite: {fidelity: {chats: 10}}\ngates: {g: {kl: {max: 1}}}\nextra: 1", "unknown key 'extra'"),
+     ("suite: {fidelity: {chatz: 10}}", "unknown key 'chatz'"),
+     ("suite: {fidelity: {chats: ten}}", "chats must be"),
+     ("suite: {fidelity: {}}\ngates: {g: {arc_easy_local/acc: {drop_max: 1}}}", "unknown key 'arc_easy_local/acc'"),
+     ("suite: {fidelity: {}}\ngates: {g: {kl: {below: 1}}}", "unknown key 'below'"),
+     ("suite: [1, 2", "not valid YAML")],
+)  # fmt: skip
+def test_malformed_gates_files_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "gates.yaml"
+    path.write_text(text)
+    with pytest.raises(GateConfigError, match=message):
+        load_gates_file(path)
+
+
+def assert_usage_error(args, message, capsys):
+    assert ladder_eval(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("ladder-eval: error: ") and message in err, err
+
+
+def test_bad_inputs_exit_2_with_one_line(workspace, smollm2_dir, smollm2_tokenizer, tmp_path, capsys, monkeypatch):
+    work, gates = workspace
+    assert_usage_error([tmp_path / "missing", "--reference", smollm2_dir, "--gate", "after_adapt"], "not a checkpoint", capsys)
+    assert_usage_error([work / "same", "--reference", tmp_path / "nowhere", "--gate", "after_adapt"], "no such directory", capsys)
+    assert_usage_error([work / "same", "--gate", "after_lunch", "--gates-file", gates], "unknown gate 'after_lunch'", capsys)
+
+    other_vocab = linked_copy(smollm2_dir, tmp_path / "other-vocab")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other_vocab / name).unlink()
+    tokenizer = type(smollm2_tokenizer).from_pretrained(smollm2_dir)
+    tokenizer.add_tokens(["<ladder>"])
+    tokenizer.save_pretrained(other_vocab)
+    assert_usage_error([other_vocab, "--reference", smollm2_dir, "--gate", "after_adapt"], "tokenizer differs", capsys)
+
+    sanity = {"after_convert": {"kl": {"max": 10}}}
+    unknown = small_gates(tmp_path / "unknown.yaml", sanity, benchmarks={"tasks": ["no_such_task"]})
+    assert_usage_error([work / "same", "--gate", "after_convert", "--gates-file", unknown], "unknown task 'no_such_task'", capsys)
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub_task = small_gates(tmp_path / "hub.yaml", sanity, benchmarks={"tasks": ["arc_easy"]})
+    assert_usage_error([work / "same", "--gate", "after_convert", "--gates-file", hub_task], "use arc_easy_local", capsys)
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("suite: {fidelity: {chats: 10, colour: red}}")
+    assert_usage_error([work / "same", "--gate", "after_convert", "--gates-file", broken], "unknown key 'colour'", capsys)
