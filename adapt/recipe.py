@@ -1,0 +1,127 @@
+"""The adaptation recipe: one YAML file, parsed by TRL's own parser into our arguments, TRL's ModelConfig (model and
+LoRA), TRL's DatasetMixtureConfig (the data) and SFTConfig (everything the trainer takes). Any key can be overridden
+on the command line: `python adapt/sft.py recipes/smollm2-135m.yaml --learning_rate 5e-5`.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, TrlParser
+
+from convert.converter import PROVENANCE_FILE
+
+TEMPLATES = ("none", "alpaca", "sharegpt")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: reported in one line before any model is loaded."""
+
+
+@dataclass
+class LadderArguments:
+    reference: str | None = field(
+        default=None, metadata={"help": "The original model (teacher and gate reference); default: the provenance"}
+    )
+    max_train_tokens: float = field(default=1e6, metadata={"help": "Stop after this many non-padding tokens"})
+    train_layers: str = field(default="all", metadata={"help": "all, or ladder: freeze everything else"})
+    distill_alpha: float = field(default=0.0, metadata={"help": "loss = alpha * KL(teacher||student) + (1-alpha) * CE"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "Temperature of the distillation KL"})
+    dataset_template: str = field(default="none", metadata={"help": "none (messages or prompt/completion), alpaca or sharegpt"})
+    gates_file: str | None = field(default=None, metadata={"help": "Gates YAML (default: the gates package's own)"})
+    gate_before: str | None = field(default=None, metadata={"help": "Gate to run on the model before training"})
+    gate_after: str | None = field(default="after_adapt", metadata={"help": "Gate that decides the exit code"})
+    dry_run: bool = field(default=False, metadata={"help": "Validate the recipe and print the plan, then stop"})
+    dry_run_processes: int = field(default=1, metadata={"help": "Training processes the dry-run plan assumes"})
+
+
+@dataclass
+class Recipe:
+    ladder: LadderArguments
+    model: ModelConfig
+    data: DatasetMixtureConfig
+    training: SFTConfig
+
+
+def parse_recipe(argv: list[str]) -> Recipe:
+    """`RECIPE.yaml [--key value ...]`; every problem is a RecipeError."""
+    if not argv or not argv[0].endswith((".yaml", ".yml")):
+        raise RecipeError("usage: adapt/sft.py RECIPE.yaml [--key value ...]")
+    if not Path(argv[0]).is_file():
+        raise RecipeError(f"recipe {argv[0]} does not exist")
+    parser = TrlParser((LadderArguments, ModelConfig, DatasetMixtureConfig, SFTConfig))
+    if "--dry_run" in argv:  # a GPU recipe checked on a CPU machine: SFTConfig refuses bf16 there otherwise
+        argv = [*argv, "--use_cpu", "true"]
+    try:
+        ladder, model, data, training = parser.parse_args_and_config(["--config", *argv])
+    except SystemExit:  # argparse already printed its one-line complaint
+        raise RecipeError(f"bad command-line arguments: {' '.join(argv[1:])}") from None
+    except (ValueError, TypeError) as error:
+        raise RecipeError(str(error).splitlines()[0]) from None
+    recipe = Recipe(ladder, model, data, training)
+    validate(recipe)
+    return recipe
+
+
+def validate(recipe: Recipe) -> None:
+    ladder = recipe.ladder
+    if ladder.train_layers not in ("all", "ladder"):
+        raise RecipeError(f"train_layers must be 'all' or 'ladder', not {ladder.train_layers!r}")
+    if ladder.dataset_template not in TEMPLATES:
+        raise RecipeError(f"dataset_template must be one of {', '.join(TEMPLATES)}, not {ladder.dataset_template!r}")
+    if not 0 <= ladder.distill_alpha <= 1:
+        raise RecipeError(f"distill_alpha must be in [0, 1], not {ladder.distill_alpha}")
+    if ladder.distill_temperature <= 0:
+        raise RecipeError(f"distill_temperature must be positive, not {ladder.distill_temperature}")
+    if ladder.max_train_tokens <= 0:
+        raise RecipeError(f"max_train_tokens must be positive, not {ladder.max_train_tokens}")
+    if not recipe.model.model_name_or_path:
+        raise RecipeError("model_name_or_path (the converted checkpoint) is missing")
+    if not recipe.data.datasets:
+        raise RecipeError("datasets is empty: name at least one")
+    for name in ("gate_before", "gate_after"):
+        if str(getattr(ladder, name)).lower() in ("null", "none"):  # `--gate_after null` on the command line
+            setattr(ladder, name, None)
+    check_gates(ladder)
+    if not ladder.dry_run:
+        check_files(recipe)
+
+
+def check_gates(ladder: LadderArguments) -> None:
+    from gates import GateUsageError, load_gates_file
+    from gates.config import DEFAULT_GATES_FILE
+
+    try:
+        defined = load_gates_file(ladder.gates_file or DEFAULT_GATES_FILE).gates
+    except GateUsageError as error:
+        raise RecipeError(str(error)) from None
+    for gate in filter(None, (ladder.gate_before, ladder.gate_after)):
+        if gate not in defined:
+            raise RecipeError(f"gate {gate!r} is not in the gates file (defined: {', '.join(defined)})")
+
+
+def check_files(recipe: Recipe) -> None:
+    model_dir = Path(recipe.model.model_name_or_path)
+    if not (model_dir / "config.json").is_file():
+        raise RecipeError(f"model_name_or_path {model_dir} is not a checkpoint directory (no config.json)")
+    if json.loads((model_dir / "config.json").read_text()).get("model_type") != "ladder_llama":
+        raise RecipeError(f"{model_dir} is not a ladder checkpoint: convert it with ladder-convert first")
+    for dataset in recipe.data.datasets:
+        files = dataset.data_files
+        for file in [files] if isinstance(files, str) else list(files.values() if isinstance(files, dict) else files or []):
+            if not Path(file).is_file():
+                raise RecipeError(f"dataset file {file} does not exist")
+    recipe.ladder.reference = recipe.ladder.reference or reference_from_provenance(model_dir)
+
+
+def reference_from_provenance(model_dir: Path) -> str:
+    provenance = model_dir / PROVENANCE_FILE
+    if not provenance.is_file():
+        raise RecipeError(f"{model_dir} has no {PROVENANCE_FILE}: set reference in the recipe")
+    return json.loads(provenance.read_text())["source"]
+
+
+def fail(error: Exception) -> None:
+    print(f"adapt/sft.py: error: {error}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,144 @@
+"""Heal a converted ladder model with TRL, gated before and after.
+
+    python adapt/sft.py recipes/smollm2-135m.yaml [--learning_rate 5e-5 ...]     # one CPU
+    accelerate launch adapt/sft.py recipes/8b.yaml                                # many GPUs
+
+Training stops after `max_train_tokens` non-padding tokens. Relaunching the same command after an interruption
+resumes from the last checkpoint in `output_dir`. The healed model (LoRA merged), its provenance, the gate reports
+and a plot of the curves go to `output_dir/final`; the `gate_after` verdict is the exit code (0 pass, 1 fail, 2 bad
+recipe).
+"""
+
+import json
+import math
+import shutil
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+from trl import get_peft_config
+
+import convert  # noqa: F401  (registers the ladder model with the Auto classes)
+from adapt.data import load_training_data
+from adapt.plot import plot_curves
+from adapt.recipe import Recipe, RecipeError, fail, parse_recipe
+from adapt.trainer import DistillingSFTTrainer, TokenBudget, freeze_all_but
+from convert.converter import PROVENANCE_FILE
+from gates import GateUsageError, run_gate
+from gates.config import DEFAULT_GATES_FILE
+
+
+def main(argv: list[str]) -> int:
+    start = time.perf_counter()
+    try:
+        recipe = parse_recipe(argv)
+        if recipe.ladder.dry_run:
+            # Without the data at hand, a sequence is counted at max_length (exact with packing).
+            print_plan(recipe, recipe.training.max_length, recipe.ladder.dry_run_processes)
+            return 0
+        dataset = load_training_data(recipe.data, recipe.ladder.dataset_template)
+        before = gate(recipe, recipe.model.model_name_or_path, recipe.ladder.gate_before)
+    except (RecipeError, GateUsageError) as error:
+        fail(error)
+
+    trainer = build_trainer(recipe, dataset)
+    tokens_per_sequence = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) / len(trainer.train_dataset)
+    trainer.args.max_steps = print_plan(recipe, tokens_per_sequence, trainer.args.world_size)
+    last_checkpoint = get_last_checkpoint(recipe.training.output_dir) if Path(recipe.training.output_dir).is_dir() else None
+    if last_checkpoint:
+        print(f"resuming from {last_checkpoint}")
+    trainer.train(resume_from_checkpoint=last_checkpoint)
+    if not trainer.is_world_process_zero():
+        return 0
+
+    final = save_final(trainer, recipe, time.perf_counter() - start)
+    after = gate(recipe, final, recipe.ladder.gate_after)
+    plot_curves(trainer.state.log_history, before, after, final / "training_curves.png")
+    print(f"healed model: {final} ({time.perf_counter() - start:.0f} s)")
+    return 0 if after is None or after.passed else 1
+
+
+def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
+    ladder, args = recipe.ladder, recipe.training
+    args.include_num_input_tokens_seen = "non_padding"  # the token budget counts these
+    model_dir = recipe.model.model_name_or_path
+    dtype = recipe.model.dtype or "auto"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
+    ladder_layers = model.config.ladder_layers
+    if ladder.train_layers == "ladder":
+        print(f"training only the ladder layers: {freeze_all_but(model, ladder_layers):,} parameters")
+    peft_config = get_peft_config(recipe.model)
+    if peft_config is not None and ladder.train_layers == "ladder":
+        peft_config.layers_to_transform = ladder_layers
+    teacher = None
+    if ladder.distill_alpha > 0:
+        teacher = AutoModelForCausalLM.from_pretrained(ladder.reference, dtype=dtype)
+    return DistillingSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        peft_config=peft_config,
+        callbacks=[TokenBudget(int(ladder.max_train_tokens))],
+        teacher=teacher,
+        alpha=ladder.distill_alpha,
+        temperature=ladder.distill_temperature,
+    )
+
+
+def print_plan(recipe: Recipe, tokens_per_sequence: float, processes: int) -> int:
+    """The steps the token budget needs, printed before any training."""
+    args, budget = recipe.training, int(recipe.ladder.max_train_tokens)
+    tokens_per_step = tokens_per_sequence * args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
+    planned = math.ceil(budget / tokens_per_step)
+    print(
+        f"plan: {budget:,} tokens = {planned:,} steps x ~{tokens_per_step:,.0f} tokens/step "
+        f"({args.per_device_train_batch_size} sequences x {args.gradient_accumulation_steps} accumulation x "
+        f"{processes} process(es) x ~{tokens_per_sequence:,.0f} tokens); lr {args.learning_rate}, "
+        f"train_layers {recipe.ladder.train_layers}, LoRA {'on' if recipe.model.use_peft else 'off'}, "
+        f"distill_alpha {recipe.ladder.distill_alpha}"
+    )
+    return planned
+
+
+def gate(recipe: Recipe, candidate, name: str | None):
+    if name is None:
+        return None
+    gates_file = recipe.ladder.gates_file or DEFAULT_GATES_FILE
+    return run_gate(candidate, name, recipe.ladder.reference, gates_file)
+
+
+def save_final(trainer, recipe: Recipe, seconds: float) -> Path:
+    """The healed model as a plain checkpoint (LoRA merged), written aside and renamed into place."""
+    output = Path(recipe.training.output_dir)
+    final, partial = output / "final", output / "final.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(partial)
+    trainer.processing_class.save_pretrained(partial)
+    source_dir = Path(recipe.model.model_name_or_path)
+    provenance = json.loads((source_dir / PROVENANCE_FILE).read_text()) if (source_dir / PROVENANCE_FILE).is_file() else {}
+    provenance["adaptation"] = {
+        "converted_model": str(source_dir),
+        "reference": recipe.ladder.reference,
+        "recipe": sys.argv[1:],
+        "data": [vars(d) for d in recipe.data.datasets],
+        "template": recipe.ladder.dataset_template,
+        "tokens": trainer.state.num_input_tokens_seen,
+        "steps": trainer.state.global_step,
+        "wall_time_s": round(seconds, 1),
+        "versions": {name: version(name) for name in ("torch", "transformers", "trl", "peft", "accelerate")},
+    }
+    (partial / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return final
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

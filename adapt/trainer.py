@@ -1,0 +1,67 @@
+"""Small pieces around TRL's SFTTrainer: distillation from the original, a token budget, layer freezing.
+
+TRL's DistillationTrainer distills on the student's own generations with a generalized JSD; healing a converted
+model wants the plain mixture alpha * KL(teacher || student) + (1 - alpha) * CE on the dataset's tokens, with the
+original (same tokenizer) as teacher, so this is a small SFTTrainer subclass rather than a training loop of our own.
+"""
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+
+class DistillingSFTTrainer(SFTTrainer):
+    """SFT whose loss mixes in KL(teacher || student) at a temperature; alpha = 0 is exactly TRL's SFT."""
+
+    def __init__(self, *args, teacher=None, alpha: float = 0.0, temperature: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+        if teacher is not None:
+            self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.teacher is None or self.alpha == 0:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"} | {"use_cache": False}
+        student_logits = model(**model_inputs).logits[:, :-1]
+        with torch.no_grad():
+            teacher_logits = self.teacher(**model_inputs).logits[:, :-1]
+        targets = labels[:, 1:]
+        scored = targets != -100
+        student, teacher = student_logits[scored].float(), teacher_logits[scored].float()
+        count = num_items_in_batch if num_items_in_batch is not None else scored.sum()
+        count = torch.as_tensor(count, device=student.device).clamp(min=1)
+        kl = F.kl_div(
+            (student / self.temperature).log_softmax(-1),
+            (teacher / self.temperature).log_softmax(-1),
+            log_target=True,
+            reduction="sum",
+        )
+        ce = F.cross_entropy(student, targets[scored], reduction="sum")
+        loss = (self.alpha * kl + (1 - self.alpha) * ce) / count
+        if self.model.training:
+            self._metrics["train"].setdefault("distill_kl", []).append((kl / scored.sum().clamp(min=1)).item())
+        return (loss, None) if return_outputs else loss
+
+
+class TokenBudget(TrainerCallback):
+    """Stop (and save) once `budget` non-padding tokens have been trained on; the count lives in the trainer state,
+    so a resumed run never counts a token twice."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.num_input_tokens_seen >= self.budget:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def freeze_all_but(model, layer_indices: list[int]) -> int:
+    """Train only the given decoder layers; returns the number of trainable parameters."""
+    model.requires_grad_(False)
+    for index in layer_indices:
+        model.model.layers[index].requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,198 @@
+"""The adaptation stage on a tiny ladder model with SmolLM2's real tokenizer: recipes are validated before any model
+loads, training respects the token budget and the frozen layers, LoRA is merged, and a killed run resumes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import read_json, tiny_llama
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adapt.trainer import DistillingSFTTrainer
+from convert.converter import convert
+
+REPO = Path(__file__).resolve().parents[1]
+SFT = REPO / "adapt" / "sft.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(smollm2_dir, tmp_path_factory):
+    """A tiny Llama with SmolLM2's tokenizer (the reference), and its conversion with 3 of 6 ladder layers."""
+    work = tmp_path_factory.mktemp("adapt")
+    original = work / "tiny-original"
+    tiny_llama(vocab_size=49152, pad_token_id=2, eos_token_id=2).save_pretrained(original)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(original)
+    return original, convert(str(original), "3", work / "tiny-ladder3")
+
+
+def write_recipe(path: Path, model: Path, output: Path, **overrides) -> Path:
+    recipe = {
+        "model_name_or_path": str(model), "dtype": "float32",
+        "max_train_tokens": 1500, "train_layers": "ladder", "distill_alpha": 0.5, "use_peft": False,
+        "datasets": [{"path": "json", "data_files": str(REPO / "gates/data/alpaca_5000.json"), "split": "train[:200]"}],
+        "dataset_template": "alpaca", "gate_before": None, "gate_after": None,
+        "output_dir": str(output), "max_length": 96, "packing": True, "per_device_train_batch_size": 2,
+        "learning_rate": 1e-3, "use_cpu": True, "bf16": False, "logging_steps": 1, "save_steps": 2,
+        "report_to": [], "seed": 0,
+    } | overrides  # fmt: skip
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def sft(*args, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SFT, *map(str, args)], capture_output=True, text=True, cwd=REPO, **popen)
+
+
+def tiny_gates(path: Path) -> Path:
+    suite = {"fidelity": {"chats": 8, "max_length": 128, "top_k": 16, "batch_size": 8},
+             "generation": {"prompts": 2, "max_new_tokens": 8, "batch_size": 2}}  # fmt: skip
+    gates = {"sane": {"response_perplexity": {"ratio_max": 1000.0}}, "perfect": {"kl": {"max": 0.0}}}
+    path.write_text(yaml.safe_dump({"suite": suite, "gates": gates}))
+    return path
+
+
+def test_training_heals_only_the_ladder_layers_within_the_token_budget(tiny_pair, tmp_path):
+    original, ladder = tiny_pair
+    gates = tiny_gates(tmp_path / "gates.yaml")
+    recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", gates_file=str(gates), gate_before="sane",
+                          gate_after="sane", report_to=["tensorboard"])  # fmt: skip
+    result = sft(recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_json(ladder / "ladder_gate_sane.json")["passed"]  # the before gate judges the converted model
+    assert "plan: 1,500 tokens" in result.stdout
+    final = tmp_path / "run" / "final"
+    provenance = read_json(final / "ladder_provenance.json")
+    tokens = provenance["adaptation"]["tokens"]
+    assert 1500 <= tokens < 1500 + 2 * 96 * 2  # stops within one step of the budget
+    assert provenance["ladder_layers"] == [3, 4, 5] and provenance["adaptation"]["steps"] >= 1
+    before, after = load_file(ladder / "model.safetensors"), load_file(final / "model.safetensors")
+    for name, tensor in before.items():
+        changed = not torch.equal(tensor, after[name])
+        assert changed == any(f"layers.{i}." in name for i in (3, 4, 5)), name
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert type(model).__name__ == "LadderLlamaForCausalLM" and model.config.ladder_layers == [3, 4, 5]
+    assert (final / "modeling_ladder_llama.py").is_file() and (final / "chat_template.jinja").is_file()
+    assert (final / "training_curves.png").stat().st_size > 10_000
+    assert read_json(final / "ladder_gate_sane.json")["reference"] == str(original)
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))  # TensorBoard logs
+
+
+def test_failed_after_gate_is_the_exit_code(tiny_pair, tmp_path):
+    _, ladder = tiny_pair
+    gates = tiny_gates(tmp_path / "gates.yaml")
+    recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", gates_file=str(gates), gate_after="perfect",
+                          max_train_tokens=300)  # fmt: skip
+    result = sft(recipe)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert read_json(tmp_path / "run" / "final" / "ladder_gate_perfect.json")["passed"] is False
+
+
+def test_lora_is_merged_into_a_plain_checkpoint(tiny_pair, tmp_path):
+    _, ladder = tiny_pair
+    recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", use_peft=True, lora_r=4, lora_alpha=8,
+                          lora_target_modules=["q_proj", "v_proj", "down_proj"], distill_alpha=0.0,
+                          max_train_tokens=400)  # fmt: skip
+    result = sft(recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert not any("lora" in name for name in weights)
+    before = load_file(ladder / "model.safetensors")
+    assert not torch.equal(weights["model.layers.4.self_attn.q_proj.weight"], before["model.layers.4.self_attn.q_proj.weight"])
+    assert torch.equal(weights["model.layers.1.self_attn.q_proj.weight"], before["model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_killed_run_resumes_without_counting_tokens_twice(tiny_pair, tmp_path):
+    _, ladder = tiny_pair
+    recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", max_train_tokens=3000, distill_alpha=0.0)
+    process = subprocess.Popen([sys.executable, SFT, recipe], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not list((tmp_path / "run").glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "run" / "final").exists(), "killed too late to test resuming"
+    result = sft(recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    resumed = read_json(tmp_path / "run" / "final" / "ladder_provenance.json")["adaptation"]["tokens"]
+
+    uninterrupted = write_recipe(tmp_path / "u.yaml", ladder, tmp_path / "straight", max_train_tokens=3000, distill_alpha=0.0)
+    assert sft(uninterrupted).returncode == 0
+    assert read_json(tmp_path / "straight" / "final" / "ladder_provenance.json")["adaptation"]["tokens"] == resumed
+
+
+def test_distillation_loss_mixes_kl_and_cross_entropy(tiny_pair):
+    original, ladder = tiny_pair
+    student = AutoModelForCausalLM.from_pretrained(ladder)
+    teacher = AutoModelForCausalLM.from_pretrained(original)
+    ids = torch.randint(3, 49152, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    inputs = {"input_ids": ids, "labels": labels}
+    loss = DistillingSFTTrainer.compute_loss
+    fake = type("Fake", (), {"model": student, "_metrics": {"train": {}}})
+
+    def mixed(alpha, teacher_model):
+        trainer = fake()
+        trainer.teacher, trainer.alpha, trainer.temperature = teacher_model, alpha, 1.0
+        with torch.no_grad():
+            return loss(trainer, student, dict(inputs)).item()
+
+    ce = student(input_ids=ids, labels=labels).loss.item()
+    assert mixed(1e-9, student) == pytest.approx(ce, rel=1e-5)  # alpha -> 0: plain cross-entropy
+    assert mixed(1.0, student) == pytest.approx(0.0, abs=1e-6)  # the teacher is the student: no KL
+    with torch.no_grad():
+        s, t = student(ids).logits[:, :-1][labels[:, 1:] != -100], teacher(ids).logits[:, :-1][labels[:, 1:] != -100]
+    kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean().item()
+    assert mixed(1.0, teacher) == pytest.approx(kl, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [({"learning_rat": 1e-4}, "Unknown arguments from config file: ['--learning_rat'"),
+     ({"train_layers": "some"}, "train_layers must be 'all' or 'ladder'"),
+     ({"model_name_or_path": "/nowhere"}, "is not a checkpoint directory"),
+     ({"datasets": [{"path": "json", "data_files": "/nowhere.json"}]}, "dataset file /nowhere.json does not exist"),
+     ({"dataset_template": "none"}, "it needs 'messages', or 'prompt' and 'completion'"),
+     ({"distill_alpha": 2}, "distill_alpha must be in [0, 1]"),
+     ({"gate_after": "after_lunch"}, "gate 'after_lunch' is not in the gates file")],
+)  # fmt: skip
+def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_path, override, message):
+    _, ladder = tiny_pair
+    result = sft(write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", **override))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("adapt/sft.py: error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "Loading weights" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_8b_recipe_dry_run_prints_the_plan():
+    result = sft(REPO / "recipes/8b.yaml", "--dry_run", "true", "--dry_run_processes", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "plan: 3,000,000,000 tokens = 2,862 steps" in result.stdout
+
+
+def test_default_recipe_never_trains_on_the_gates_heldout_rows():
+    recipe = yaml.safe_load((REPO / "recipes/smollm2-135m.yaml").read_text())
+    from gates.data import HELDOUT
+
+    assert [d["split"] for d in recipe["datasets"]] == [f"train[:{HELDOUT.start}]"]
+
+
+def test_two_process_ddp_on_cpu(tiny_pair, tmp_path):
+    _, ladder = tiny_pair
+    recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", max_train_tokens=800, distill_alpha=0.0)
+    # accelerate's MULTI_CPU mode wants MPI on one machine; torchrun starts the same DDP processes (gloo on CPU).
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", SFT, recipe]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 process(es)" in result.stdout
+    assert read_json(tmp_path / "run" / "final" / "ladder_provenance.json")["adaptation"]["tokens"] >= 800
