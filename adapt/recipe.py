@@ -3,6 +3,7 @@ LoRA), TRL's DatasetMixtureConfig (the data) and SFTConfig (everything the train
 on the command line: `python adapt/sft.py recipes/smollm2-135m.yaml --learning_rate 5e-5`.
 """
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -50,14 +51,12 @@ def parse_recipe(argv: list[str]) -> Recipe:
         raise RecipeError("usage: adapt/sft.py RECIPE.yaml [--key value ...]")
     if not Path(argv[0]).is_file():
         raise RecipeError(f"recipe {argv[0]} does not exist")
-    parser = TrlParser((LadderArguments, ModelConfig, DatasetMixtureConfig, SFTConfig))
+    parser = TrlParser((LadderArguments, ModelConfig, DatasetMixtureConfig, SFTConfig), exit_on_error=False)
     if "--dry_run" in argv:  # a GPU recipe checked on a CPU machine: SFTConfig refuses bf16 there otherwise
         argv = [*argv, "--use_cpu", "true"]
     try:
         ladder, model, data, training = parser.parse_args_and_config(["--config", *argv])
-    except SystemExit:  # argparse already printed its one-line complaint
-        raise RecipeError(f"bad command-line arguments: {' '.join(argv[1:])}") from None
-    except (ValueError, TypeError) as error:
+    except (argparse.ArgumentError, ValueError, TypeError) as error:
         raise RecipeError(str(error).splitlines()[0]) from None
     recipe = Recipe(ladder, model, data, training)
     validate(recipe)

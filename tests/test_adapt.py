@@ -163,7 +163,8 @@ def test_distillation_loss_mixes_kl_and_cross_entropy(tiny_pair):
      ({"datasets": [{"path": "json", "data_files": "/nowhere.json"}]}, "dataset file /nowhere.json does not exist"),
      ({"dataset_template": "none"}, "it needs 'messages', or 'prompt' and 'completion'"),
      ({"distill_alpha": 2}, "distill_alpha must be in [0, 1]"),
-     ({"gate_after": "after_lunch"}, "gate 'after_lunch' is not in the gates file")],
+     ({"gate_after": "after_lunch"}, "gate 'after_lunch' is not in the gates file"),
+     ({"max_train_tokens": "lots"}, "invalid float value: 'lots'")],
 )  # fmt: skip
 def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_path, override, message):
     _, ladder = tiny_pair
