@@ -1,0 +1,268 @@
+"""`python -m serve generate|bench`: tensor-parallel greedy generation, and its speed with and without ladder wiring.
+
+Under `torchrun --nproc-per-node N` each process is one rank. Run without torchrun, `--tp N` starts the N ranks
+itself (on this machine's loopback, or with `bench --slow-link` in two network namespaces joined by a throttled link).
+"""
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from .model import SHAPES, ServeError, check_split, greedy_steps, load_config, load_model
+
+PROG = "serve"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="greedy answer to one chat prompt")
+    generate.add_argument("model", metavar="checkpoint", help="converted (or plain Llama) checkpoint directory")
+    generate.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    generate.add_argument("--new-tokens", type=int, default=48)
+    generate.set_defaults(layers=None, slow_link=False)
+    bench = commands.add_parser("bench", help="prefill latency and decode speed: standard, ladder, no communication")
+    shapes = ", ".join(SHAPES)
+    bench.add_argument("--model", required=True, help=f"checkpoint directory, or a shape with random weights: {shapes}")
+    bench.add_argument("--layers", type=int, help="depth of a named shape (default: the real model's)")
+    bench.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes")
+    bench.add_argument("--prompt-len", type=int, default=1024)
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
+    bench.add_argument(
+        "--slow-link", action="store_true", help="run 2 ranks in two network namespaces over a throttled veth pair"
+    )
+    bench.add_argument("--link-rate", default="6mbit", help="bandwidth of the slow link, each way (tc units)")
+    bench.add_argument("--link-delay-ms", type=float, default=0.0, help="one-way delay of the link (needs tc netem)")
+    for command in (generate, bench):
+        command.add_argument("--tp", type=int, help="tensor-parallel size (default: torchrun's world size, else 1)")
+        command.add_argument("--no-comm", action="store_true", help="skip all-reduces: the speed bound, wrong output")
+        command.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bf16 on CUDA, fp32 on CPU")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        if "RANK" in os.environ or (args.tp or 1) == 1 and not args.slow_link:
+            run_rank(args, rank)
+        else:
+            return launch(args, argv)
+    except ServeError as error:
+        if rank == 0:  # every rank finds the same error; one line is enough
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the ranks got it too; --slow-link's namespaces are gone already
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def validate(args, tp: int):
+    """Everything that can be wrong with the input, found before any rank connects to another."""
+    if args.command == "generate" and args.model in SHAPES:
+        raise ServeError(f"generate needs a checkpoint; {args.model!r} is a shape for bench")
+    if args.slow_link and tp != 2:
+        raise ServeError(f"--slow-link joins exactly 2 ranks; got tensor-parallel size {tp}")
+    config = load_config(args.model, args.layers)
+    check_split(config, tp)
+    return config
+
+
+# --- one rank ------------------------------------------------------------------------------------------------------
+
+
+def run_rank(args, rank: int) -> None:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.tp and args.tp != world:
+        raise ServeError(f"world size mismatch: --tp {args.tp}, but {world} ranks were started")
+    if args.slow_link and "SERVE_LAUNCHED" not in os.environ:
+        raise ServeError("--slow-link starts its own ranks: run it without torchrun")
+    config = validate(args, world)
+    ladder_layers = getattr(config, "ladder_layers", None) or []  # a plain Llama config has none
+    if not ladder_layers and rank == 0:
+        print(f"{PROG}: no ladder layers: every layer is standard", file=sys.stderr)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # share the cores between the ranks on this machine; more threads than cores would fight
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    model = load_model(args.model, config, rank, world, dtype, device)
+    model.rewire(ladder_layers, communicate=not args.no_comm)
+    (generate if args.command == "generate" else bench)(args, model, rank, device)
+
+
+def generate(args, model, rank: int, device) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    chat = [{"role": "user", "content": args.prompt}]
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    answer = []
+    for token, _ in greedy_steps(model, ids["input_ids"].to(device), args.new_tokens):
+        if token.item() == tokenizer.eos_token_id:
+            break
+        answer.append(token.item())
+    if rank == 0:
+        print(tokenizer.decode(answer, skip_special_tokens=True).strip())
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_generation(model, ids, new_tokens: int, device) -> torch.Tensor:
+    """Seconds of prefill and of the decode steps, the slowest rank's."""
+    if dist.is_initialized():
+        dist.barrier()
+    synchronize(device)
+    steps = greedy_steps(model, ids, new_tokens)
+    start = time.perf_counter()
+    next(steps)
+    synchronize(device)
+    prefilled = time.perf_counter()
+    for _ in steps:
+        pass
+    synchronize(device)
+    seconds = torch.tensor([prefilled - start, time.perf_counter() - prefilled], dtype=torch.float64)
+    if dist.is_initialized():  # with --no-comm the ranks drift apart: the slowest one sets the pace
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return seconds
+
+
+def bench(args, model, rank: int, device) -> None:
+    ladder_layers = [i for i, block in enumerate(model.blocks) if block.is_ladder]
+    variants = {"standard": ([], True), "ladder": (ladder_layers, True), "no-comm": (ladder_layers, False)}
+    if rank == 0:
+        delay = f", {args.link_delay_ms} ms" if args.link_delay_ms else ""
+        link = f"slow link {args.link_rate}{delay}" if args.slow_link else "loopback"
+        backend = dist.get_backend() if dist.is_initialized() else "single process"
+        print(
+            f"{args.model}: {len(model.blocks)} layers ({len(ladder_layers)} ladder), tp {model.tp}, {backend} on "
+            f"{device.type} ({torch.get_num_threads()} threads/rank), {model.dtype}, {link}; prompt {args.prompt_len}, "
+            f"{args.new_tokens} new tokens, median of {args.repeats}"
+        )
+        print(f"{'batch':>5}  {'variant':<9} {'prefill ms':>11} {'decode tok/s':>13}")
+    for batch in [int(b) for b in args.batch.split(",")]:
+        prompts = torch.Generator().manual_seed(0)  # the same prompts on every rank
+        ids = torch.randint(model.config.vocab_size, (batch, args.prompt_len), generator=prompts).to(device)
+        runs = {name: [] for name in variants}
+        for repeat in range(args.repeats + 1):  # round 0 warms up; variants interleave so drift hits them alike
+            for name, (layers, communicate) in variants.items():
+                model.rewire(layers, communicate)
+                seconds = timed_generation(model, ids, args.new_tokens if repeat else 2, device)
+                if repeat:
+                    runs[name].append(seconds)
+        prefill = {name: statistics.median(s[0].item() for s in times) for name, times in runs.items()}
+        decode = {
+            name: batch * (args.new_tokens - 1) / statistics.median(s[1].item() for s in times)
+            for name, times in runs.items()
+        }
+        if rank == 0:
+            for name in variants:
+                print(f"{batch:>5}  {name:<9} {prefill[name] * 1e3:>11.1f} {decode[name]:>13.2f}")
+            print(
+                f"{batch:>5}  ladder/standard: prefill x{prefill['standard'] / prefill['ladder']:.2f}, "
+                f"decode x{decode['ladder'] / decode['standard']:.2f};  ladder/no-comm: prefill "
+                f"x{prefill['no-comm'] / prefill['ladder']:.2f}, decode x{decode['ladder'] / decode['no-comm']:.2f}"
+            )
+
+
+# --- the launcher --------------------------------------------------------------------------------------------------
+
+
+def launch(args, argv: list[str]) -> int:
+    """Start the ranks as `python -m serve ...` processes; with --slow-link, each in its own network namespace."""
+    validate(args, args.tp)
+    with slow_link(args.link_rate, args.link_delay_ms) if args.slow_link else loopback(args.tp) as places:
+        port, ranks = free_port(), []
+        for rank, (prefix, interface, master) in enumerate(places):
+            env = dict(
+                os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.tp),
+                LOCAL_WORLD_SIZE=str(args.tp), MASTER_ADDR=master, MASTER_PORT=str(port),
+                GLOO_SOCKET_IFNAME=interface, SERVE_LAUNCHED="1",
+            )  # fmt: skip
+            ranks.append(subprocess.Popen([*prefix, sys.executable, "-m", "serve", *argv], env=env))
+        return wait_all(ranks)
+
+
+def wait_all(ranks: list[subprocess.Popen]) -> int:
+    """The first failure's exit code; the other ranks are stopped then, or they would wait for it forever."""
+    while True:
+        codes = [rank.poll() for rank in ranks]
+        failed = [code for code in codes if code]
+        if failed or all(code == 0 for code in codes):
+            for rank in ranks:
+                if rank.poll() is None:
+                    rank.terminate()
+                    rank.wait()
+            return failed[0] if failed else 0
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def loopback(tp: int):
+    """Each rank: (command prefix, network interface, rank 0's address)."""
+    yield [([], "lo", "127.0.0.1")] * tp
+
+
+@contextmanager
+def slow_link(rate: str, delay_ms: float):
+    """Two network namespaces joined by a veth pair whose both ends are throttled; removed afterwards.
+
+    The addresses are link-local and exist only inside the namespaces. The rate is shaped with `tbf`, whose small
+    bucket (4 kB, under one all-reduce of a decode step) keeps bursts from slipping through at full speed; a delay
+    needs `netem`, which some kernels lack.
+    """
+    if not (shutil.which("ip") and shutil.which("tc")):
+        raise ServeError("--slow-link needs `ip` and `tc` (apt-get install -y iproute2), run as root")
+    names = [f"serve{os.getpid()}r{rank}" for rank in range(2)]
+    addresses = ["169.254.77.1", "169.254.77.2"]
+    shaper = f"netem delay {delay_ms}ms rate {rate}" if delay_ms else f"tbf rate {rate} burst 4kb latency 1s"
+    try:
+        for name in names:
+            run_tool("ip", "netns", "add", name)
+        veth_pair = ["veth0", "netns", names[0], "type", "veth", "peer", "name", "veth1", "netns", names[1]]
+        run_tool("ip", "link", "add", *veth_pair)
+        for rank, name in enumerate(names):
+            run_tool("ip", "-n", name, "addr", "add", f"{addresses[rank]}/30", "dev", f"veth{rank}")
+            run_tool("ip", "-n", name, "link", "set", f"veth{rank}", "up")
+            run_tool("ip", "-n", name, "link", "set", "lo", "up")
+            run_tool("tc", "-n", name, "qdisc", "add", "dev", f"veth{rank}", "root", *shaper.split())
+        yield [(["ip", "netns", "exec", name], f"veth{rank}", addresses[0]) for rank, name in enumerate(names)]
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def run_tool(*command: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise ServeError(f"--slow-link: `{' '.join(command)}` failed: {done.stderr.strip()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""A tensor-parallel Ladder Llama for inference: Megatron-style sharding, a static KV cache and greedy decoding.
+
+Each rank holds a slice of every layer: whole query and KV heads of q/k/v, columns of gate/up (the output features),
+and the matching input columns of o and down, so each attention and each MLP ends in a partial sum that one
+all-reduce completes. The embedding, the final norm and the head are replicated.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+import convert  # noqa: F401  (registers `ladder_llama` with AutoConfig)
+from convert import LadderLlamaConfig
+
+# Published shapes, for benchmarking models we cannot download; `--layers` scales the depth down.
+SHAPES = {
+    "llama-3.1-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+        num_hidden_layers=32, vocab_size=128256, rope_theta=500000.0,
+    ),
+    "llama-3.1-70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+        num_hidden_layers=80, vocab_size=128256, rope_theta=500000.0,
+    ),
+}  # fmt: skip
+
+
+class ServeError(Exception):
+    """Bad input: reported as one line on stderr, with a non-zero exit."""
+
+
+def load_config(model: str, layers: int | None = None) -> PretrainedConfig:
+    """A named shape (all layers ladder, `layers` deep) or a checkpoint directory's config."""
+    if model in SHAPES:
+        depth = layers or SHAPES[model]["num_hidden_layers"]
+        return LadderLlamaConfig(**{**SHAPES[model], "num_hidden_layers": depth}, ladder_layers=list(range(depth)))
+    directory = Path(model)
+    if not (directory / "config.json").is_file():
+        raise ServeError(f"{model}: not a checkpoint directory (no config.json) nor a shape ({', '.join(SHAPES)})")
+    config = AutoConfig.from_pretrained(directory)
+    if config.model_type not in ("ladder_llama", "llama"):
+        raise ServeError(f"{model}: model type {config.model_type!r} is not supported (llama or ladder_llama)")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ServeError(f"{model}: attention or MLP biases are not supported")
+    return config
+
+
+def check_split(config: PretrainedConfig, tp: int) -> None:
+    """Each rank must get whole query heads, whole KV heads and an equal share of the MLP."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if heads % tp or kv_heads % tp or config.intermediate_size % tp:
+        raise ServeError(
+            f"tensor-parallel size {tp} does not divide the {heads} query heads, {kv_heads} KV heads and "
+            f"{config.intermediate_size} MLP features: use a size that divides all three"
+        )
+
+
+class CheckpointWeights:
+    """Reads slices of tensors from safetensors shards without ever loading a whole tensor."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        elif (directory / "model.safetensors").is_file():
+            with safe_open(directory / "model.safetensors", framework="pt") as shard:
+                self.files = dict.fromkeys(shard.keys(), directory / "model.safetensors")
+        else:
+            raise ServeError(f"{directory}: no safetensors weights (model.safetensors or its index)")
+        self.open_shards = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def read(self, name: str, index=slice(None)) -> torch.Tensor:
+        path = self.files[name]
+        if path not in self.open_shards:
+            self.open_shards[path] = safe_open(path, framework="pt")
+        return self.open_shards[path].get_slice(name)[index]
+
+
+class RandomWeights:
+    """Random slices of the tensors a named shape would have: only speed is measured on them."""
+
+    def __init__(self, config: PretrainedConfig):
+        hidden, inner = config.hidden_size, config.intermediate_size
+        head_dim = hidden // config.num_attention_heads
+        per_layer = {
+            "self_attn.q_proj.weight": (config.num_attention_heads * head_dim, hidden),
+            "self_attn.k_proj.weight": (config.num_key_value_heads * head_dim, hidden),
+            "self_attn.v_proj.weight": (config.num_key_value_heads * head_dim, hidden),
+            "self_attn.o_proj.weight": (hidden, config.num_attention_heads * head_dim),
+            "mlp.gate_proj.weight": (inner, hidden),
+            "mlp.up_proj.weight": (inner, hidden),
+            "mlp.down_proj.weight": (hidden, inner),
+            "input_layernorm.weight": (hidden,),
+            "post_attention_layernorm.weight": (hidden,),
+        }
+        # The head is tied to the embedding (absent here): it costs the same time and half the memory.
+        self.shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,)}
+        for i in range(config.num_hidden_layers):
+            self.shapes |= {f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def read(self, name: str, index=slice(None)) -> torch.Tensor:
+        shape = torch.empty(self.shapes[name], device="meta")[index].shape
+        return torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape) * 0.02
+
+
+@dataclass
+class KVCache:
+    keys: torch.Tensor  # (batch, local KV heads, max length, head dim)
+    values: torch.Tensor
+
+
+class Block(nn.Module):
+    """One decoder layer's slice on this rank; `attention` and `mlp` return partial sums (before the all-reduce)."""
+
+    def __init__(self, weights, prefix: str, config: PretrainedConfig, rank: int, tp: int, dtype: torch.dtype):
+        super().__init__()
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.heads = config.num_attention_heads // tp
+        self.kv_heads = config.num_key_value_heads // tp
+        inner = config.intermediate_size // tp
+
+        def rows(count):  # this rank's share of the output features
+            return slice(rank * count, (rank + 1) * count)
+
+        def read(name, index=slice(None)):
+            return nn.Parameter(weights.read(prefix + name, index).to(dtype), requires_grad=False)
+
+        q, kv = rows(self.heads * self.head_dim), rows(self.kv_heads * self.head_dim)
+        # One matmul for q, k and v, and one for gate and up: fewer, larger kernels.
+        self.qkv = nn.Parameter(
+            torch.cat([read(f"self_attn.{p}_proj.weight", s) for p, s in (("q", q), ("k", kv), ("v", kv))]),
+            requires_grad=False,
+        )
+        self.o = read("self_attn.o_proj.weight", (slice(None), q))
+        self.gate_up = nn.Parameter(
+            torch.cat([read(f"mlp.{p}_proj.weight", rows(inner)) for p in ("gate", "up")]), requires_grad=False
+        )
+        self.down = read("mlp.down_proj.weight", (slice(None), rows(inner)))
+        self.attention_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
+        self.attention_norm.weight = read("input_layernorm.weight")
+        self.mlp_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
+        self.mlp_norm.weight = read("post_attention_layernorm.weight")
+        self.is_ladder = False
+
+    def attention(self, x: torch.Tensor, cos_sin, cache: KVCache, start: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = F.linear(self.attention_norm(x), self.qkv).split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
+        )
+        q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+        end = start + length
+        cache.keys[:, :, start:end] = k
+        cache.values[:, :, start:end] = v
+        # Prefill starts at position 0 (causal over the prompt); a decode step's one query sees the whole cache.
+        out = F.scaled_dot_product_attention(
+            q, cache.keys[:, :, :end], cache.values[:, :, :end], is_causal=length > 1, enable_gqa=True
+        )
+        return F.linear(out.transpose(1, 2).reshape(batch, length, -1), self.o)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(self.mlp_norm(x), self.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down)
+
+
+class Done:
+    """Stands for an all-reduce that has already finished (or that `--no-comm` skips)."""
+
+    def wait(self) -> bool:
+        return True
+
+
+DONE = Done()
+
+
+class TensorParallelLlama(nn.Module):
+    def __init__(self, config: PretrainedConfig, weights, rank: int, tp: int, dtype: torch.dtype, device):
+        super().__init__()
+        self.config, self.tp, self.dtype = config, tp, dtype
+        embedding = weights.read("model.embed_tokens.weight").to(dtype)
+        self.embedding = nn.Embedding.from_pretrained(embedding)
+        head = weights.read("lm_head.weight").to(dtype) if "lm_head.weight" in weights else embedding
+        self.head = nn.Parameter(head, requires_grad=False)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
+        self.norm.weight = nn.Parameter(weights.read("model.norm.weight").to(dtype), requires_grad=False)
+        self.rotary = LlamaRotaryEmbedding(config)
+        self.blocks = nn.ModuleList(
+            Block(weights, f"model.layers.{i}.", config, rank, tp, dtype) for i in range(config.num_hidden_layers)
+        )
+        self.to(device)
+        self.caches: list[KVCache] = []
+        self.rewire(getattr(config, "ladder_layers", None) or [], communicate=True)
+
+    def rewire(self, ladder_layers, communicate: bool) -> None:
+        """Same weights, other wiring: `[]` is the standard model; without communication, the speed bound."""
+        for i, block in enumerate(self.blocks):
+            block.is_ladder = i in ladder_layers
+        self.communicate = communicate and self.tp > 1
+
+    def all_reduce(self, x: torch.Tensor, async_op: bool = False):
+        """Sums the ranks' partial outputs in place; returns the work handle when `async_op`, else `x`."""
+        work = dist.all_reduce(x, async_op=async_op) if self.communicate else DONE
+        return work if async_op else x
+
+    def allocate_cache(self, batch: int, length: int) -> None:
+        block = self.blocks[0]
+        shape = (batch, block.kv_heads, length, block.head_dim)
+        device = self.head.device
+        self.caches = [KVCache(*torch.empty((2, *shape), dtype=self.dtype, device=device)) for _ in self.blocks]
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """The next-token logits (batch, vocab) after `ids`, whose first token sits at position `start`."""
+        A = self.embedding(ids)
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
+        cos_sin = self.rotary(A, positions)
+        # H = A + m once m_work is done: a ladder MLP's output stays in flight across the next layer's attention.
+        m, m_work = torch.zeros_like(A), DONE
+        for block, cache in zip(self.blocks, self.caches):
+            if block.is_ladder:
+                a = block.attention(A, cos_sin, cache, start)
+                a_work = self.all_reduce(a, async_op=True)  # overlaps this layer's MLP
+                m_work.wait()
+                H = A + m
+                m = block.mlp(H)
+                m_work = self.all_reduce(m, async_op=True)  # overlaps the next layer's attention, which reads A only
+                a_work.wait()
+                A = H + a
+            else:
+                m_work.wait()
+                H = A + m
+                A = H + self.all_reduce(block.attention(H, cos_sin, cache, start))
+                m, m_work = self.all_reduce(block.mlp(A)), DONE
+        m_work.wait()
+        H = A + m
+        return F.linear(self.norm(H[:, -1]), self.head)
+
+
+def load_model(model: str, config: PretrainedConfig, rank: int, tp: int, dtype: torch.dtype, device):
+    """This rank's slice of `model` (a checkpoint directory or a shape name), whose config `load_config` returned."""
+    check_split(config, tp)
+    if model in SHAPES:
+        torch.manual_seed(0)  # the same replicated embedding on every rank
+    weights = RandomWeights(config) if model in SHAPES else CheckpointWeights(Path(model))
+    return TensorParallelLlama(config, weights, rank, tp, dtype, device)
+
+
+def greedy_steps(model: TensorParallelLlama, ids: torch.Tensor, new_tokens: int):
+    """Yields each new token (batch,) with the logits it was chosen from (batch, vocab): the first after the prefill,
+    each later one after a decode step."""
+    model.allocate_cache(ids.shape[0], ids.shape[1] + new_tokens)
+    logits = model(ids, start=0)
+    for step in range(new_tokens):
+        token = logits.argmax(-1)
+        yield token, logits
+        if step + 1 < new_tokens:
+            logits = model(token[:, None], start=ids.shape[1] + step)
