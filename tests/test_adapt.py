@@ -166,13 +166,17 @@ def test_distillation_loss_mixes_kl_and_cross_entropy(tiny_pair):
      ({"gate_after": "after_lunch"}, "gate 'after_lunch' is not in the gates file"),
      ({"max_train_tokens": "lots"}, "invalid float value: 'lots'")],
 )  # fmt: skip
-def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_path, override, message):
+def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_path, override, message, capsys):
+    from adapt import sft as sft_script
+
     _, ladder = tiny_pair
-    result = sft(write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", **override))
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("adapt/sft.py: error: ")]
-    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "Loading weights" not in result.stderr and not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        sft_script.main([str(write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", **override))])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("adapt/sft.py: error: ")]
+    assert len(errors) == 1 and message in errors[0], captured.err[-2000:]
+    assert "Loading weights" not in captured.err and not (tmp_path / "run").exists()
 
 
 def test_8b_recipe_dry_run_prints_the_plan():
