@@ -127,7 +127,7 @@ def _matching_tokenizer(reference_dir: Path, candidate: Path):
     reference_tokenizer = AutoTokenizer.from_pretrained(reference_dir)
     candidate_tokenizer = AutoTokenizer.from_pretrained(candidate)
     if reference_tokenizer.get_vocab() != candidate_tokenizer.get_vocab():
-        raise EvalUsageError(f"the reference's tokenizer differs from the candidate's: they cannot be compared token by token")
+        raise EvalUsageError("the reference's tokenizer differs from the candidate's: they cannot be compared token by token")
     vocab_sizes = {json.loads((d / "config.json").read_text()).get("vocab_size") for d in (reference_dir, candidate)}
     if len(vocab_sizes) != 1:
         raise EvalUsageError(f"the reference and the candidate have different vocabulary sizes {sorted(vocab_sizes)}")
