@@ -18,7 +18,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_utils import get_last_checkpoint
 from trl import get_peft_config
 
 import convert  # noqa: F401  (registers the ladder model with the Auto classes)
@@ -47,7 +46,7 @@ def main(argv: list[str]) -> int:
     trainer = build_trainer(recipe, dataset)
     tokens_per_sequence = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) / len(trainer.train_dataset)
     trainer.args.max_steps = print_plan(recipe, tokens_per_sequence, trainer.args.world_size)
-    last_checkpoint = get_last_checkpoint(recipe.training.output_dir) if Path(recipe.training.output_dir).is_dir() else None
+    last_checkpoint = last_complete_checkpoint(recipe.training.output_dir)
     if last_checkpoint:
         print(f"resuming from {last_checkpoint}")
     trainer.train(resume_from_checkpoint=last_checkpoint)
@@ -87,6 +86,14 @@ def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
         alpha=ladder.distill_alpha,
         temperature=ladder.distill_temperature,
     )
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint the Trainer finished writing. It writes trainer_state.json last, so a run killed while
+    saving leaves a newer folder without it, which transformers' get_last_checkpoint would pick and fail on."""
+    finished = [state.parent for state in Path(output_dir).glob("checkpoint-*/trainer_state.json")]
+    steps = {int(folder.name.removeprefix("checkpoint-")): folder for folder in finished if folder.name[11:].isdigit()}
+    return str(steps[max(steps)]) if steps else None
 
 
 def print_plan(recipe: Recipe, tokens_per_sequence: float, processes: int) -> int:

@@ -15,6 +15,7 @@ from conftest import read_json, tiny_llama
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from adapt.sft import last_complete_checkpoint
 from adapt.trainer import DistillingSFTTrainer
 from convert.converter import convert
 
@@ -127,6 +128,15 @@ def test_killed_run_resumes_without_counting_tokens_twice(tiny_pair, tmp_path):
     uninterrupted = write_recipe(tmp_path / "u.yaml", ladder, tmp_path / "straight", max_train_tokens=3000, distill_alpha=0.0)
     assert sft(uninterrupted).returncode == 0
     assert read_json(tmp_path / "straight" / "final" / "ladder_provenance.json")["adaptation"]["tokens"] == resumed
+
+
+def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path):
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-12").mkdir()  # weights written, trainer_state.json not yet
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert last_complete_checkpoint(str(tmp_path / "nothing-yet")) is None
 
 
 def test_distillation_loss_mixes_kl_and_cross_entropy(tiny_pair):
