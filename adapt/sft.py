@@ -24,7 +24,7 @@ import convert  # noqa: F401  (registers the ladder model with the Auto classes)
 from adapt.data import load_training_data
 from adapt.plot import plot_curves
 from adapt.recipe import Recipe, RecipeError, fail, parse_recipe
-from adapt.trainer import DistillingSFTTrainer, TokenBudget, freeze_all_but
+from adapt.trainer import DistillingSFTTrainer, SharedTrunkTeacher, TokenBudget, freeze_all_but, share_trunk
 from convert.converter import PROVENANCE_FILE
 from gates import GateUsageError, run_gate
 from gates.config import DEFAULT_GATES_FILE
@@ -74,7 +74,9 @@ def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
         peft_config.layers_to_transform = ladder_layers
     teacher = None
     if ladder.distill_alpha > 0:
-        teacher = AutoModelForCausalLM.from_pretrained(ladder.reference, dtype=dtype)
+        teacher = share_trunk(model, AutoModelForCausalLM.from_pretrained(ladder.reference, dtype=dtype))
+        if isinstance(teacher, SharedTrunkTeacher):
+            print(f"the teacher reuses the student's frozen layers 0-{teacher.first - 1}: they run once per step")
     return DistillingSFTTrainer(
         model=model,
         args=args,
@@ -131,7 +133,7 @@ def save_final(trainer, recipe: Recipe, seconds: float) -> Path:
     source_dir = Path(recipe.model.model_name_or_path)
     provenance = json.loads((source_dir / PROVENANCE_FILE).read_text()) if (source_dir / PROVENANCE_FILE).is_file() else {}
     provenance["adaptation"] = {
-        "converted_model": str(source_dir),
+        "converted_model": str(source_dir.absolute()),
         "reference": recipe.ladder.reference,
         "recipe": sys.argv[1:],
         "data": [vars(d) for d in recipe.data.datasets],

@@ -7,6 +7,7 @@ original (same tokenizer) as teacher, so this is a small SFTTrainer subclass rat
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
@@ -57,6 +58,43 @@ class TokenBudget(TrainerCallback):
         if state.num_input_tokens_seen >= self.budget:
             control.should_training_stop = True
             control.should_save = True
+
+
+class SharedTrunkTeacher(nn.Module):
+    """The teacher from layer `first` up, fed the student's hidden state after layer `first - 1`.
+
+    When the student's layers below its first ladder layer (and its embeddings) are the teacher's own weights, frozen,
+    the student computes exactly the teacher's hidden state there: the trunk then runs once per step instead of twice.
+    A hook on the student's last trunk layer keeps that state; the student must run before the teacher (it does in
+    DistillingSFTTrainer.compute_loss).
+    """
+
+    def __init__(self, teacher, student_trunk_end: nn.Module, first: int):
+        super().__init__()
+        teacher.model.layers = teacher.model.layers[first:]
+        self.teacher, self.first = teacher, first
+        student_trunk_end.register_forward_hook(self.keep_trunk_output)
+
+    def keep_trunk_output(self, module, args, output):
+        self.trunk_output = output[0].detach()  # the ladder block returns (H, A); a standard layer's H is Llama's
+
+    def forward(self, input_ids=None, **kwargs):
+        return self.teacher(inputs_embeds=self.trunk_output, **kwargs)
+
+
+def share_trunk(student, teacher):
+    """The teacher wrapped as a SharedTrunkTeacher when the student's trunk is the teacher's, frozen; else unchanged."""
+    first = min(student.config.ladder_layers, default=0)
+    if first == 0:
+        return teacher
+    trunk = ("model.embed_tokens.", *(f"model.layers.{i}." for i in range(first)))
+    teacher_parameters = dict(teacher.named_parameters())
+    for name, parameter in student.named_parameters():
+        if name.startswith(trunk) and (
+            parameter.requires_grad or name not in teacher_parameters or not torch.equal(parameter, teacher_parameters[name])
+        ):
+            return teacher
+    return SharedTrunkTeacher(teacher, student.model.layers[first - 1], first)
 
 
 def freeze_all_but(model, layer_indices: list[int]) -> int:

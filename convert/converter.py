@@ -120,14 +120,22 @@ def download_from_hub(repo_id: str, revision: str | None) -> Source:
     return Source(directory, repo_id, directory.name if re.fullmatch(r"[0-9a-f]{40}", directory.name) else revision)
 
 
+def read_json_object(path: Path, missing: str) -> dict:
+    """The JSON object in `path`; `missing` says what its absence means."""
+    if not path.is_file():
+        raise ConvertError(f"{path.parent} has no {path.name}: {missing}")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConvertError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise ConvertError(f"{path} is not a JSON object")
+    return content
+
+
 def read_llama_config(directory: Path) -> dict:
     config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise ConvertError(f"{directory} has no config.json: not a transformers checkpoint")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConvertError(f"{config_file} is not valid JSON ({error})") from None
+    config = read_json_object(config_file, "not a transformers checkpoint")
     model_type = config.get("model_type")
     if model_type == LadderLlamaConfig.model_type:
         raise ConvertError(
@@ -290,9 +298,7 @@ def convert(
     tensor_names = set().union(*(read_shard_tensor_names(resolved.directory / name) for name in shards))
     check_layer_tensors(tensor_names, config["num_hidden_layers"])
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary directory
+    staging = staging_directory(output)
     try:
         write_checkpoint(resolved, config, layers, shards, staging)
         verdict = run_after_convert_gate(staging, resolved, gates_file, label=str(output)) if gates_file else None
@@ -330,6 +336,14 @@ def default_gates_file() -> Path:
     from gates.config import DEFAULT_GATES_FILE
 
     return DEFAULT_GATES_FILE
+
+
+def staging_directory(output: Path) -> Path:
+    """A hidden temporary directory beside `output` (same filesystem: shards hardlink, the final rename is atomic)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary directory
+    return staging
 
 
 def current_umask() -> int:

@@ -13,11 +13,23 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 
-from .model import SHAPES, ServeError, check_split, greedy_steps, load_config, load_model
+from .model import (
+    HEAD,
+    SHAPES,
+    WAIT_ATTENTION,
+    WAIT_MLP,
+    ServeError,
+    check_split,
+    greedy_steps,
+    load_config,
+    load_model,
+)
 
 PROG = "serve"
 
@@ -43,6 +55,11 @@ def parse_args(argv):
     )
     bench.add_argument("--link-rate", default="6mbit", help="bandwidth of the slow link, each way (tc units)")
     bench.add_argument("--link-delay-ms", type=float, default=0.0, help="one-way delay of the link (needs tc netem)")
+    bench.add_argument(
+        "--profile", type=int, nargs="?", const=3, default=0, metavar="STEPS",
+        help="then profile STEPS (default 3) decode steps per variant on CPU and print where each rank's time goes",
+    )  # fmt: skip
+    bench.add_argument("--profile-dir", help="with --profile, also write each rank's Chrome trace (Perfetto) there")
     for command in (generate, bench):
         command.add_argument("--tp", type=int, help="tensor-parallel size (default: torchrun's world size, else 1)")
         command.add_argument("--no-comm", action="store_true", help="skip all-reduces: the speed bound, wrong output")
@@ -77,6 +94,8 @@ def validate(args, tp: int):
         raise ServeError(f"generate needs a checkpoint; {args.model!r} is a shape for bench")
     if args.slow_link and tp != 2:
         raise ServeError(f"--slow-link joins exactly 2 ranks; got tensor-parallel size {tp}")
+    if args.command == "bench" and args.profile_dir and not args.profile:
+        raise ServeError("--profile-dir needs --profile")
     config = load_config(args.model, args.layers)
     check_split(config, tp)
     return config
@@ -97,6 +116,8 @@ def run_rank(args, rank: int) -> None:
         print(f"{PROG}: no ladder layers: every layer is standard", file=sys.stderr)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
+        if args.command == "bench" and args.profile:
+            raise ServeError("--profile times the host, where CUDA only queues kernels: profile on CPU")
         torch.cuda.set_device(device)
     else:  # share the cores between the ranks on this machine; more threads than cores would fight
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
@@ -183,6 +204,72 @@ def bench(args, model, rank: int, device) -> None:
                 f"decode x{decode['ladder'] / decode['standard']:.2f};  ladder/no-comm: prefill "
                 f"x{prefill['no-comm'] / prefill['ladder']:.2f}, decode x{decode['ladder'] / decode['no-comm']:.2f}"
             )
+        if args.profile:
+            profile_variants(args, model, ids, variants, rank)
+
+
+# A decode step's host time, split by the outermost of these regions it is in; the rest is "other".
+PROFILED = {WAIT_ATTENTION: "wait attn", WAIT_MLP: "wait mlp", "c10d::allreduce_": "AR launch",
+            "aten::linear": "linear", HEAD: "lm_head"}  # fmt: skip
+COLUMNS = ["step", *PROFILED.values(), "other", "AR running"]
+
+
+def profile_variants(args, model, ids, variants, rank: int) -> None:
+    """Prints each variant's and rank's milliseconds per decode step in COLUMNS: where the overlap falls short."""
+    batch = ids.shape[0]
+    if rank == 0:
+        print(
+            f"{batch:>5}  profile: host ms per decode step (mean of {args.profile}); wait attn/mlp: blocked on that "
+            "all-reduce; AR running: all-reduces in flight on gloo's threads"
+        )
+        print(f"{'batch':>5}  {'variant':<9} {'rank':>4}" + "".join(f"{name:>11}" for name in COLUMNS))
+    for name, (layers, communicate) in variants.items():
+        model.rewire(layers, communicate)
+        trace = args.profile_dir and Path(args.profile_dir) / f"batch{batch}-{name}-rank{rank}.json"
+        times = profiled_decode(model, ids, args.profile, trace)
+        rows = [times]
+        if dist.is_initialized():  # every rank's, for rank 0 to print
+            rows = [torch.empty_like(times) for _ in range(dist.get_world_size())]
+            dist.all_gather(rows, times)
+        if rank == 0:
+            for r, row in enumerate(rows):
+                print(f"{batch:>5}  {name:<9} {r:>4}" + "".join(f"{ms:>11.1f}" for ms in row.tolist()))
+
+
+def profiled_decode(model, ids, steps: int, trace: Path | None) -> torch.Tensor:
+    """This rank's milliseconds per decode step in COLUMNS, over `steps` steps after the prefill and a warm-up step."""
+    tokens = greedy_steps(model, ids, steps + 2)
+    next(tokens)  # the prefill
+    next(tokens)  # a first decode step
+    if dist.is_initialized():
+        dist.barrier()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        for _ in tokens:
+            pass
+        seconds = time.perf_counter() - start
+    if trace:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        profiler.export_chrome_trace(str(trace))
+    events = profiler.events()
+    main = next(event.thread for event in events if event.name == HEAD)
+    microseconds = dict.fromkeys(COLUMNS, 0.0) | {"step": seconds * 1e6}
+    for event in events:
+        if event.thread == main and event.name in PROFILED and not any(a.name in PROFILED for a in ancestors(event)):
+            microseconds[PROFILED[event.name]] += event.time_range.elapsed_us()
+    microseconds["other"] = microseconds["step"] - sum(microseconds[name] for name in PROFILED.values())
+    reductions = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == "gloo:all_reduce")
+    end = float("-inf")
+    for first, last in reductions:  # their union: two all-reduces can be in flight at once
+        microseconds["AR running"] += max(0.0, last - max(first, end))
+        end = max(end, last)
+    return torch.tensor(list(microseconds.values()), dtype=torch.float64) / steps / 1e3
+
+
+def ancestors(event):
+    while event.cpu_parent is not None:
+        event = event.cpu_parent
+        yield event
 
 
 # --- the launcher --------------------------------------------------------------------------------------------------

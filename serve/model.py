@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+from torch.profiler import record_function
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -31,6 +32,10 @@ SHAPES = {
         num_hidden_layers=80, vocab_size=128256, rope_theta=500000.0,
     ),
 }  # fmt: skip
+
+# Labels of the regions a profile (`bench --profile`) times; outside a profile they cost next to nothing.
+ATTENTION, MLP, HEAD = "serve/attention", "serve/mlp", "serve/head"
+WAIT_ATTENTION, WAIT_MLP = "serve/wait_attn_allreduce", "serve/wait_mlp_allreduce"
 
 
 class ServeError(Exception):
@@ -156,6 +161,7 @@ class Block(nn.Module):
         self.mlp_norm.weight = read("post_attention_layernorm.weight")
         self.is_ladder = False
 
+    @record_function(ATTENTION)
     def attention(self, x: torch.Tensor, cos_sin, cache: KVCache, start: int) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = F.linear(self.attention_norm(x), self.qkv).split(
@@ -174,6 +180,7 @@ class Block(nn.Module):
         )
         return F.linear(out.transpose(1, 2).reshape(batch, length, -1), self.o)
 
+    @record_function(MLP)
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(self.mlp_norm(x), self.gate_up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down)
@@ -187,6 +194,13 @@ class Done:
 
 
 DONE = Done()
+
+
+def wait(work, label: str) -> None:
+    """Blocks until the all-reduce `work` is done; a profile times the wait under `label` (a DONE one has none)."""
+    if work is not DONE:
+        with record_function(label):
+            work.wait()
 
 
 class TensorParallelLlama(nn.Module):
@@ -213,10 +227,9 @@ class TensorParallelLlama(nn.Module):
             block.is_ladder = i in ladder_layers
         self.communicate = communicate and self.tp > 1
 
-    def all_reduce(self, x: torch.Tensor, async_op: bool = False):
-        """Sums the ranks' partial outputs in place; returns the work handle when `async_op`, else `x`."""
-        work = dist.all_reduce(x, async_op=async_op) if self.communicate else DONE
-        return work if async_op else x
+    def all_reduce(self, x: torch.Tensor):
+        """Starts summing the ranks' partial outputs into `x`, in place: `wait` for the returned handle to read `x`."""
+        return dist.all_reduce(x, async_op=True) if self.communicate else DONE
 
     def allocate_cache(self, batch: int, length: int) -> None:
         block = self.blocks[0]
@@ -235,21 +248,25 @@ class TensorParallelLlama(nn.Module):
         for block, cache in zip(self.blocks, self.caches):
             if block.is_ladder:
                 a = block.attention(A, cos_sin, cache, start)
-                a_work = self.all_reduce(a, async_op=True)  # overlaps this layer's MLP
-                m_work.wait()
+                a_work = self.all_reduce(a)  # overlaps this layer's MLP
+                wait(m_work, WAIT_MLP)
                 H = A + m
                 m = block.mlp(H)
-                m_work = self.all_reduce(m, async_op=True)  # overlaps the next layer's attention, which reads A only
-                a_work.wait()
+                m_work = self.all_reduce(m)  # overlaps the next layer's attention, which reads A only
+                wait(a_work, WAIT_ATTENTION)
                 A = H + a
-            else:
-                m_work.wait()
+            else:  # blocking all-reduces
+                wait(m_work, WAIT_MLP)
                 H = A + m
-                A = H + self.all_reduce(block.attention(H, cos_sin, cache, start))
-                m, m_work = self.all_reduce(block.mlp(A)), DONE
-        m_work.wait()
+                a = block.attention(H, cos_sin, cache, start)
+                wait(self.all_reduce(a), WAIT_ATTENTION)
+                A = H + a
+                m, m_work = block.mlp(A), DONE
+                wait(self.all_reduce(m), WAIT_MLP)
+        wait(m_work, WAIT_MLP)
         H = A + m
-        return F.linear(self.norm(H[:, -1]), self.head)
+        with record_function(HEAD):
+            return F.linear(self.norm(H[:, -1]), self.head)
 
 
 def load_model(model: str, config: PretrainedConfig, rank: int, tp: int, dtype: torch.dtype, device):

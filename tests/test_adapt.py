@@ -12,11 +12,12 @@ import pytest
 import torch
 import yaml
 from conftest import read_json, tiny_llama
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapt.sft import last_complete_checkpoint
-from adapt.trainer import DistillingSFTTrainer
+from adapt.trainer import DistillingSFTTrainer, SharedTrunkTeacher, freeze_all_but, share_trunk
 from convert.converter import convert
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,18 +96,27 @@ def test_failed_after_gate_is_the_exit_code(tiny_pair, tmp_path):
     assert read_json(tmp_path / "run" / "final" / "ladder_gate_perfect.json")["passed"] is False
 
 
-def test_lora_is_merged_into_a_plain_checkpoint(tiny_pair, tmp_path):
+def test_lora_is_merged_into_a_plain_checkpoint_with_the_adapters_logits(tiny_pair, tmp_path):
     _, ladder = tiny_pair
     recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", use_peft=True, lora_r=4, lora_alpha=8,
                           lora_target_modules=["q_proj", "v_proj", "down_proj"], distill_alpha=0.0,
                           max_train_tokens=400)  # fmt: skip
     result = sft(recipe)
     assert result.returncode == 0, result.stderr[-3000:]
-    weights = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    final = tmp_path / "run" / "final"
+    weights = load_file(final / "model.safetensors")
     assert not any("lora" in name for name in weights)
     before = load_file(ladder / "model.safetensors")
     assert not torch.equal(weights["model.layers.4.self_attn.q_proj.weight"], before["model.layers.4.self_attn.q_proj.weight"])
     assert torch.equal(weights["model.layers.1.self_attn.q_proj.weight"], before["model.layers.1.self_attn.q_proj.weight"])
+
+    # The last checkpoint holds the trained adapter, unmerged: on the converted model it gives the merged logits.
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ladder), last_complete_checkpoint(tmp_path / "run"))
+    ids = torch.randint(3, 49152, (2, 16))
+    with torch.no_grad():
+        unmerged, merged = adapter(ids).logits, AutoModelForCausalLM.from_pretrained(final)(ids).logits
+    assert not torch.allclose(unmerged, AutoModelForCausalLM.from_pretrained(ladder)(ids).logits, atol=1e-3)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
 
 
 def test_killed_run_resumes_without_counting_tokens_twice(tiny_pair, tmp_path):
@@ -165,6 +175,22 @@ def test_distillation_loss_mixes_kl_and_cross_entropy(tiny_pair):
     assert mixed(1.0, teacher) == pytest.approx(kl, rel=1e-4)
 
 
+def test_teacher_sharing_the_frozen_trunk_gives_the_full_teachers_logits(tiny_pair):
+    original, ladder = tiny_pair
+    student = AutoModelForCausalLM.from_pretrained(ladder)
+    freeze_all_but(student, student.config.ladder_layers)
+    full = AutoModelForCausalLM.from_pretrained(original)
+    shared = share_trunk(student, AutoModelForCausalLM.from_pretrained(original))
+    assert isinstance(shared, SharedTrunkTeacher) and len(shared.teacher.model.layers) == 3  # layers 3-5 only
+    ids = torch.randint(3, 49152, (1, 16))
+    packed = {"input_ids": ids, "position_ids": torch.cat([torch.arange(7), torch.arange(9)])[None]}  # two sequences
+    with torch.no_grad():
+        student(**packed)  # the student runs first and leaves its layer-2 output for the teacher
+        assert torch.equal(shared(**packed).logits, full(**packed).logits)
+    # A trunk that trains (or differs from the teacher's) is not shared.
+    assert share_trunk(AutoModelForCausalLM.from_pretrained(ladder), full) is full
+
+
 @pytest.mark.parametrize(
     "override, message",
     [({"learning_rat": 1e-4}, "Unknown arguments from config file: ['--learning_rat'"),
@@ -199,7 +225,9 @@ def test_default_recipe_never_trains_on_the_gates_heldout_rows():
     recipe = yaml.safe_load((REPO / "recipes/smollm2-135m.yaml").read_text())
     from gates.data import HELDOUT
 
-    assert [d["split"] for d in recipe["datasets"]] == [f"train[:{HELDOUT.start}]"]
+    alpaca = [d for d in recipe["datasets"] if d["data_files"].endswith("alpaca_5000.json")]
+    assert [d["split"] for d in alpaca] == [f"train[:{HELDOUT.start}]"]
+    assert any("gsm8k" in d["data_files"] for d in recipe["datasets"])
 
 
 def test_two_process_ddp_on_cpu(tiny_pair, tmp_path):
@@ -211,3 +239,21 @@ def test_two_process_ddp_on_cpu(tiny_pair, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 process(es)" in result.stdout
     assert read_json(tmp_path / "run" / "final" / "ladder_provenance.json")["adaptation"]["tokens"] >= 800
+
+
+def test_smollm2_recipe_trains_the_real_model_and_gates_it(smollm2_dir, tmp_path):
+    """The shipped recipe on real weights, shortened: every output is written and the after gate judges the result."""
+    converted = convert(str(smollm2_dir), "15", tmp_path / "smollm2-ladder15")  # no gate: this test runs its own
+    gates = tiny_gates(tmp_path / "gates.yaml")
+    result = sft(REPO / "recipes/smollm2-135m.yaml", "--model_name_or_path", converted, "--output_dir", tmp_path / "run",
+                 "--max_train_tokens", 600, "--max_length", 128, "--per_device_train_batch_size", 2,
+                 "--gates_file", gates, "--gate_after", "sane", "--report_to", "none")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = tmp_path / "run" / "final"
+    report = read_json(final / "ladder_gate_sane.json")
+    assert report["passed"] and report["reference"] == str(smollm2_dir)  # the provenance names the original
+    provenance = read_json(final / "ladder_provenance.json")
+    assert provenance["ladder_layers"] == list(range(15, 30)) and provenance["adaptation"]["tokens"] >= 600
+    assert (final / "training_curves.png").is_file() and (final / "chat_template.jinja").is_file()
+    healed = AutoModelForCausalLM.from_pretrained(final)
+    assert healed.config.tie_word_embeddings and healed.config.ladder_layers == list(range(15, 30))

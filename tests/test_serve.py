@@ -1,6 +1,7 @@
 """Tensor-parallel serving: the same tokens and logits as the single-process HF model, and one-line bad-input errors."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,25 @@ def test_bench_prints_every_variant_and_the_ratios(tiny_ladder_checkpoint):
     assert "ladder/no-comm" in done.stdout
 
 
+def test_bench_profile_splits_each_ranks_decode_step(tiny_ladder_checkpoint, tmp_path):
+    done = serve("bench", "--model", tiny_ladder_checkpoint, "--tp", 2, "--batch", 1, "--prompt-len", 4,
+                 "--new-tokens", 3, "--repeats", 1, "--profile", 2, "--profile-dir", tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    columns = ["step", "wait attn", "wait mlp", "AR launch", "linear", "lm_head", "other", "AR running"]
+    assert re.search("variant +rank +" + " +".join(columns), done.stdout), done.stdout
+    rows = {tuple(line.split()[:3]): line.split()[3:] for line in done.stdout.splitlines()}
+    for variant in ("standard", "ladder", "no-comm"):
+        for rank in (0, 1):
+            ms = dict(zip(columns, map(float, rows["1", variant, str(rank)]), strict=True))
+            assert ms["step"] > 0 and ms["other"] >= 0  # the labelled parts fit in the step: nothing counted twice
+            waits = ms["wait attn"] + ms["wait mlp"]
+            if variant == "no-comm":
+                assert waits == ms["AR launch"] == ms["AR running"] == 0
+            else:
+                assert waits > 0 and ms["AR running"] > 0
+                assert "serve/wait_attn_allreduce" in (tmp_path / f"batch1-{variant}-rank{rank}.json").read_text()
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("tc"), reason="network namespaces need root and iproute2")
 def test_slow_link_runs_in_namespaces_and_removes_them(tiny_ladder_checkpoint):
     done = serve("bench", "--model", tiny_ladder_checkpoint, "--tp", 2, "--batch", 1, "--prompt-len", 4,
@@ -109,6 +129,7 @@ def test_slow_link_runs_in_namespaces_and_removes_them(tiny_ladder_checkpoint):
         (["generate", "CHECKPOINT", "--tp", 3], {}, "tensor-parallel size 3 does not divide the 4 query heads"),
         (["bench", "--model", "CHECKPOINT", "--tp", 4], {"RANK": "0", "WORLD_SIZE": "2"}, "world size mismatch"),
         (["generate", "llama-3.1-8b"], {}, "generate needs a checkpoint"),
+        (["bench", "--model", "CHECKPOINT", "--profile-dir", "traces"], {}, "--profile-dir needs --profile"),
     ],
 )
 def test_bad_input_is_one_line(args, env, message, tiny_ladder_checkpoint):

@@ -1,0 +1,173 @@
+"""How many tokens each healing method needs: the SmolLM2 recipe run per method with one token budget, every
+checkpoint gated against the original.
+
+    python benchmarks/healing_curves.py                          # 2M tokens per method: many hours on 2 cores
+    python benchmarks/healing_curves.py --tokens 4e4 --checkpoints 4 --methods sft distill-frozen
+
+Each method is `python adapt/sft.py recipes/smollm2-135m.yaml` with a few overrides (METHODS), run on the checkpoint
+`ladder-convert` wrote (runs/smollm2-ladder15 by default). Every saved checkpoint gets a fidelity-only gate (KL and
+top-1 on held-out chats); the last one gets the full gate (fidelity, ARC-Easy and ARC-Challenge, greedy answers).
+Prints a table (tokens -> KL, top-1, ARC), the tokens each method needed to reach the target, and writes
+`healing_curves.png` and `healing_curves.json` into --output.
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import convert  # noqa: F401  (registers the ladder model with the Auto classes)
+from adapt.sft import last_complete_checkpoint
+from convert.smollm2 import fetch_smollm2
+from gates import run_gate
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "smollm2-135m.yaml"
+TOKENS_PER_STEP = 2048  # the recipe's 4 packed sequences of 512 tokens; checkpoints record the exact count
+METHODS = {
+    "sft": {"train_layers": "all", "distill_alpha": 0.0},  # the paper's: plain SFT on the data, every layer
+    "distill": {"train_layers": "all", "distill_alpha": 0.9},
+    "distill-frozen": {"train_layers": "ladder", "distill_alpha": 0.9},  # lower layers frozen, shared with the teacher
+    "distill-lora": {"train_layers": "ladder", "distill_alpha": 0.9, "use_peft": True, "lora_r": 32, "lora_alpha": 64,
+                     "lora_target_modules": "all-linear", "learning_rate": 5e-4},  # fmt: skip
+}
+TARGET = {"kl": 0.05, "top1_agreement": 0.90}
+
+
+def gates_file(path: Path, chats: int, arc_limit: int | None) -> Path:
+    """`curve`: fidelity only, for every checkpoint. `final`: the recovery target of the issue, for the last one."""
+    fidelity = {"chats": chats, "max_length": 512, "top_k": 512, "batch_size": 8}
+    arc = {"tasks": ["arc_easy_local", "arc_challenge_local"], "limit": arc_limit, "batch_size": 16}
+    generation = {"prompts": 50, "max_new_tokens": 32, "batch_size": 16}
+    path.write_text(yaml.safe_dump({
+        "suite": {"fidelity": fidelity, "benchmarks": arc, "generation": generation},
+        "gates": {
+            "final": {"kl": {"max": TARGET["kl"]}, "top1_agreement": {"min": TARGET["top1_agreement"]},
+                      "arc_easy_local/acc": {"drop_max": 1.0}, "arc_challenge_local/acc": {"drop_max": 1.0},
+                      "generation_exact_match": {"min": 0.7}},
+        },
+    }))  # fmt: skip
+    curve = path.with_name("curve_gates.yaml")
+    curve.write_text(yaml.safe_dump({"suite": {"fidelity": fidelity}, "gates": {"curve": {}}}))
+    return curve
+
+
+def train(method: str, converted: Path, output: Path, tokens: float, checkpoints: int) -> None:
+    save_steps = max(1, math.ceil(tokens / TOKENS_PER_STEP / checkpoints))
+    overrides = METHODS[method] | {
+        "model_name_or_path": converted, "output_dir": output, "max_train_tokens": tokens, "save_steps": save_steps,
+        "save_total_limit": None, "gate_after": None, "report_to": "none", "logging_steps": 1,
+    }  # fmt: skip
+    arguments = [f"--{key}={'null' if value is None else value}" for key, value in overrides.items()]
+    print(f"\n== {method}: adapt/sft.py {RECIPE.name} {' '.join(arguments)}", flush=True)
+    subprocess.run([sys.executable, REPO / "adapt" / "sft.py", RECIPE, *arguments], cwd=REPO, check=True)
+
+
+def loadable(checkpoint: Path, converted: Path, work: Path) -> Path:
+    """A checkpoint as a model directory: LoRA checkpoints hold only the adapter, merged here into the converted model."""
+    if not (checkpoint / "adapter_config.json").is_file():
+        return checkpoint
+    merged = work / f"merged-{checkpoint.parent.name}-{checkpoint.name}"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(converted), checkpoint).merge_and_unload().save_pretrained(merged)
+    AutoTokenizer.from_pretrained(converted).save_pretrained(merged)
+    return merged
+
+
+def tokens_seen(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["num_input_tokens_seen"]
+
+
+def curve(method: str, run: Path, converted: Path, original: Path, gates: Path, curve_gates: Path, work: Path) -> list[dict]:
+    points = [{"tokens": 0} | metrics(run_gate(converted, "curve", str(original), curve_gates, label=f"{method}@0"))]
+    checkpoints = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    last = Path(last_complete_checkpoint(run))
+    for state in checkpoints:
+        checkpoint, is_last = state.parent, state.parent == last
+        verdict = run_gate(loadable(checkpoint, converted, work), "final" if is_last else "curve", str(original),
+                           gates if is_last else curve_gates, label=f"{method}@{tokens_seen(checkpoint)}")  # fmt: skip
+        points.append({"tokens": tokens_seen(checkpoint)} | metrics(verdict))
+    return points
+
+
+def metrics(verdict) -> dict:
+    return {row.metric: row.candidate for row in verdict.rows} | {
+        f"original {row.metric}": row.reference for row in verdict.rows if "/" in row.metric or "generation" in row.metric
+    }
+
+
+def tokens_to_target(points: list[dict]) -> int | None:
+    reached = [p["tokens"] for p in points if p["kl"] <= TARGET["kl"] and p["top1_agreement"] >= TARGET["top1_agreement"]]
+    return min(reached, default=None)
+
+
+def print_table(results: dict[str, list[dict]]) -> None:
+    columns = ["kl", "top1_agreement", "arc_easy_local/acc", "arc_challenge_local/acc", "generation_exact_match"]
+    print("\n| method | tokens | " + " | ".join(columns) + " |\n|---|---:|" + "---:|" * len(columns))
+    for method, points in results.items():
+        for point in points:
+            cells = [f"{point[c]:.4f}" if c in point else "" for c in columns]
+            print(f"| {method} | {point['tokens']:,} | " + " | ".join(cells) + " |")
+    last = next(iter(results.values()))[-1]
+    print("| original | | 0 | 1 | " + " | ".join(f"{last.get('original ' + c, float('nan')):.4f}" for c in columns[2:]) + " |")
+    print(f"\ntokens to the target (KL <= {TARGET['kl']}, top-1 >= {TARGET['top1_agreement']}):")
+    reached = {method: tokens_to_target(points) for method, points in results.items()}
+    for method, tokens in reached.items():
+        print(f"  {method:16s} {f'{tokens:,}' if tokens else 'not reached within the budget'}")
+    if reached.get("sft") and any(reached.values()):
+        best = min(t for t in reached.values() if t)
+        print(f"  plain SFT / best: {reached['sft'] / best:.1f}x")
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> None:
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for metric, axis in zip(TARGET, axes):
+        for method, points in results.items():
+            axis.plot([p["tokens"] for p in points], [p[metric] for p in points], marker="o", label=method)
+        axis.axhline(TARGET[metric], color="grey", linestyle=":", linewidth=1, label="target")
+        axis.set(xlabel="tokens trained", title=f"held-out {metric} (original || adapted)" if metric == "kl" else metric)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--converted", type=Path, default=REPO / "runs" / "smollm2-ladder15", help="ladder-convert's output")
+    parser.add_argument("--tokens", type=float, default=2e6, help="training tokens per method")
+    parser.add_argument("--checkpoints", type=int, default=8, help="evaluation points per method")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--chats", type=int, default=100, help="held-out chats for KL and top-1")
+    parser.add_argument("--arc-limit", type=int, help="questions per ARC set at the last checkpoint (default: all)")
+    parser.add_argument("--output", type=Path, default=REPO / "runs" / "healing")
+    args = parser.parse_args()
+    if not (args.converted / "config.json").is_file():
+        sys.exit(f"healing_curves.py: error: {args.converted} is not a converted checkpoint: run ladder-convert first")
+    original = fetch_smollm2()
+    args.output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        curve_gates = gates_file(Path(work) / "gates.yaml", args.chats, args.arc_limit)
+        results = {}
+        for method in args.methods:
+            run = args.output / method
+            train(method, args.converted, run, args.tokens, args.checkpoints)
+            results[method] = curve(method, run, args.converted, original, Path(work) / "gates.yaml", curve_gates, Path(work))
+    (args.output / "healing_curves.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.output / "healing_curves.png")
+    print_table(results)
+    print(f"\nplot: {args.output / 'healing_curves.png'}")
+
+
+if __name__ == "__main__":
+    main()

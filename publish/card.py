@@ -1,0 +1,290 @@
+"""The model card (`README.md`) of a published ladder model, and the license it inherits from its base model."""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.repocard import metadata_load
+
+from convert import __version__
+from convert.converter import HUB_ID
+from gates.report import Row
+
+LICENSE_FILES = ("LICENSE*", "USE_POLICY*", "NOTICE*")
+LLAMA_LICENSE_ID = re.compile(r"llama(3\.[123])")
+LLAMA_LICENSE_TEXT = re.compile(r"LLAMA (3\.[123]) COMMUNITY LICENSE", re.IGNORECASE)
+OTHER_LICENSE_TEXTS = (
+    (re.compile(r"Apache License,?\s+Version 2\.0", re.IGNORECASE), "apache-2.0"),
+    (re.compile(r"\bMIT License\b|Permission is hereby granted, free of charge", re.IGNORECASE), "mit"),
+)
+PAPER = "https://arxiv.org/abs/2501.06589"
+VERDICTS = {True: "yes", False: "**NO**", None: ""}
+
+
+@dataclass(frozen=True)
+class License:
+    """The base model's license, where it was read, and the license texts to ship beside the weights."""
+
+    hub_id: str  # the Hub's identifier (llama3.1, apache-2.0, ...), "other" for an unrecognised text, or "unknown"
+    found_in: str | None = None  # a file name, or --license
+    files: tuple[Path, ...] = ()
+
+    @property
+    def llama_version(self) -> str | None:
+        """Set for the Llama 3.x Community Licenses, whose derived models owe Meta a name, a notice and a banner."""
+        match = LLAMA_LICENSE_ID.fullmatch(self.hub_id)
+        return match[1] if match else None
+
+    @property
+    def needs_notice(self) -> bool:
+        """A Llama license's attribution notice goes in a NOTICE file, which ladder-publish writes when none ships."""
+        return bool(self.llama_version) and not any(path.name.startswith("NOTICE") for path in self.files)
+
+    @property
+    def shipped(self) -> str:
+        """The license files beside the weights, as the card names them."""
+        names = [path.name for path in self.files] + (["NOTICE"] if self.needs_notice else [])
+        return ", ".join(f"`{name}`" for name in names)
+
+    @property
+    def llama_notice(self) -> str:
+        version = self.llama_version
+        return (
+            f"Llama {version} is licensed under the Llama {version} Community License, "
+            "Copyright © Meta Platforms, Inc. All Rights Reserved."
+        )
+
+
+def detect_license(directories: list[Path], override: str | None = None) -> License:
+    """The first of `directories` (the model, then its ancestors) that says anything about a license decides."""
+    for directory in directories:
+        texts = tuple(sorted({p for pattern in LICENSE_FILES for p in directory.glob(pattern) if p.is_file()}))
+        declared = readme_license(directory / "README.md")
+        if declared or texts:
+            hub_id, found_in = (declared, "README.md") if declared else identify_license(texts)
+            return License(override or hub_id, "--license" if override else found_in, texts)
+    return License(override or "unknown", "--license" if override else None)
+
+
+def readme_license(readme: Path) -> str | None:
+    if not readme.is_file():
+        return None
+    try:
+        declared = (metadata_load(readme) or {}).get("license")
+    except yaml.YAMLError:  # a broken front matter tells us nothing
+        return None
+    return declared if isinstance(declared, str) else None
+
+
+def identify_license(texts: tuple[Path, ...]) -> tuple[str, str]:
+    for path in texts:
+        text = path.read_text(errors="replace")
+        if match := LLAMA_LICENSE_TEXT.search(text):
+            return f"llama{match[1]}", path.name
+        for pattern, hub_id in OTHER_LICENSE_TEXTS:
+            if pattern.search(text):
+                return hub_id, path.name
+    return "other", texts[0].name
+
+
+@dataclass
+class CardFacts:
+    name: str  # the model's name: the Hub repository's, or the export folder's
+    load_id: str  # what users pass to from_pretrained
+    base_model: str | None  # the original's Hub id; None when it was only a local directory
+    source: str  # the original, as the provenance records it
+    ladder_layers: list[int]
+    num_layers: int
+    adaptation: dict  # the provenance's adaptation section; empty when the model was never healed
+    gate: str
+    gate_rows: list[Row] | None  # this model's report for `gate`
+    converted_rows: list[Row] | None  # the converted model's after_convert report
+    forced_because: str | None  # why the gate would have refused the model, when --force overrode it
+    license: License
+    chat_template: bool
+
+
+def build_card(facts: CardFacts) -> ModelCard:
+    data = ModelCardData(
+        model_name=facts.name,
+        base_model=facts.base_model,
+        license=facts.license.hub_id,
+        datasets=hub_datasets(facts.adaptation.get("data", [])) or None,
+        tags=["ladder-residual", "llama", "custom_code", *(["conversational"] if facts.chat_template else [])],
+        library_name="transformers",
+        pipeline_tag="text-generation",
+    )
+    sections = (title, forced, ladder, training, evaluation, usage, speed, license_section, provenance)
+    body = "\n\n".join(text for section in sections if (text := section(facts)))
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+
+
+def hub_datasets(data: list[dict]) -> list[str]:
+    """The Hub ids among the training data (local files, and builders such as `json`, have none)."""
+    paths = [str(entry.get("path")) for entry in data]
+    return [path for path in paths if HUB_ID.fullmatch(path) and not Path(path).exists()]
+
+
+def title(facts: CardFacts) -> str:
+    banner = "\n\n**Built with Llama**" if facts.license.llama_version else ""
+    return f"# {facts.name}{banner}"
+
+
+def forced(facts: CardFacts) -> str | None:
+    if facts.forced_because is None:
+        return None
+    return (
+        f"> **Published with `--force`**: {facts.forced_because}. This model has not passed the gate meant to let it "
+        "out: treat its quality as unverified."
+    )
+
+
+def ladder(facts: CardFacts) -> str:
+    base = (
+        f"[{facts.base_model}](https://huggingface.co/{facts.base_model})" if facts.base_model else f"`{facts.source}`"
+    )
+    layers = facts.ladder_layers
+    return (
+        f"A [Ladder Residual]({PAPER}) version of {base}. Layers {layer_ranges(layers)} ({len(layers)} of its "
+        f"{facts.num_layers} decoder layers) are ladder layers: each module reads the residual stream without the "
+        "output of the module just before it, so that under tensor parallelism that module's all-reduce can run while "
+        "the next one computes. The other layers are standard Llama layers. The architecture is "
+        "`LadderLlamaForCausalLM` (model type `ladder_llama`), so no engine can load it with the plain Llama wiring."
+    )
+
+
+def training(facts: CardFacts) -> str:
+    adaptation = facts.adaptation
+    if not adaptation:
+        return "## Training\n\nNone after the conversion: the provenance records no adaptation."
+    lines = [
+        f"- tokens trained: {adaptation.get('tokens') or 0:,} in {adaptation.get('steps') or 0:,} steps",
+        f"- teacher and gate reference: `{adaptation.get('reference') or facts.source}`",
+        *(f"- data: {describe_data(entry)}" for entry in adaptation.get("data", [])),
+    ]
+    return "## Training\n\nAfter the conversion the model was healed with TRL:\n\n" + "\n".join(lines)
+
+
+def describe_data(entry: dict) -> str:
+    files = entry.get("data_files")
+    files = ", ".join(files) if isinstance(files, list) else files
+    return (
+        f"`{entry.get('path')}`"
+        + (f" ({files})" if files else "")
+        + (f", split `{entry['split']}`" if entry.get("split") else "")
+    )
+
+
+def evaluation(facts: CardFacts) -> str:
+    if facts.adaptation:
+        intro = (
+            f"The converted model's `after_convert` gate and this model's `{facts.gate}` gate, both against the "
+            f"original on the same held-out data; thresholds and verdicts are `{facts.gate}`'s."
+        )
+        columns = [("converted", facts.converted_rows), ("adapted", facts.gate_rows)]
+    else:
+        intro = f"This model's `{facts.gate}` gate, against the original on held-out data."
+        columns = [("this model", facts.gate_rows)]
+    reports = "The full reports (suite, device, dtype) are the `ladder_gate_*.md` and `.json` files beside the weights."
+    if not any(rows for _, rows in columns):
+        return f"## Evaluation\n\nNo gate report was found. {reports}"
+    return f"## Evaluation\n\n{intro} {reports}\n\n{gate_table(columns)}"
+
+
+def gate_table(columns: list[tuple[str, list[Row] | None]]) -> str:
+    """A row per metric: the original (every report's reference), each model, and the last model's verdict."""
+    by_metric = [{row.metric: row for row in rows or []} for _, rows in columns]
+    lines = [
+        f"| metric | original | {' | '.join(label for label, _ in columns)} | threshold | pass |",
+        f"|---|---:|{'---:|' * len(columns)}---|---|",
+    ]
+    for metric in dict.fromkeys(metric for rows in reversed(by_metric) for metric in rows):
+        cells = [rows.get(metric) for rows in by_metric]
+        original = next(row for row in cells if row).reference
+        last = cells[-1]
+        verdict = f"{last.threshold} | {VERDICTS[last.passed]}" if last else " | "
+        lines.append(f"| {metric} | {original:.4f} | {' | '.join(map(candidate, cells))} | {verdict} |")
+    return "\n".join(lines)
+
+
+def candidate(row: Row | None) -> str:
+    return f"{row.candidate:.4f}" if row else "—"
+
+
+def usage(facts: CardFacts) -> str:
+    return f"""## Usage
+
+The modeling code ships with the weights (`modeling_ladder_llama.py`, `configuration_ladder_llama.py`, named by
+`auto_map` in `config.json`): read it, then load the model with `trust_remote_code=True`.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{facts.load_id}")
+model = AutoModelForCausalLM.from_pretrained("{facts.load_id}", trust_remote_code=True)
+messages = [{{"role": "user", "content": "What is the capital of France?"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+output = model.generate(**inputs, max_new_tokens=32)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+With the `ladder` package installed, `import convert` registers the architecture with transformers' Auto classes,
+and the package's own code loads the model without `trust_remote_code`:
+
+```python
+import convert  # noqa: F401
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{facts.load_id}")
+```"""
+
+
+def speed(facts: CardFacts) -> str:
+    return f"""## Speed
+
+Ladder Residual gains nothing on a single device: its gain is the communication a tensor-parallel engine hides, which
+depends on the tensor-parallel size, the interconnect, the batch size and the engine. This card therefore promises
+no speed-up. The numbers measured so far, with their set-up, are in the *Benchmarks* and *Tensor-parallel inference*
+sections of the `ladder` project's README; measure this model on your own hardware with
+`torchrun --nproc-per-node 2 -m serve bench --model {facts.load_id} --batch 1,4,16`."""
+
+
+def license_section(facts: CardFacts) -> str:
+    license = facts.license
+    if license.llama_version:
+        version = license.llama_version
+        return (
+            f"## License\n\n**Built with Llama.** This model is derived from Llama {version} and is distributed under "
+            f"the Llama {version} Community License ({license.shipped} in this folder). Its terms bind you too: "
+            'keep the license and the notice with any copy, display "Built with Llama", and begin the name of any '
+            f'model you derive from this one with "Llama".\n\n{license.llama_notice}'
+        )
+    if license.hub_id == "unknown":
+        return (
+            "## License\n\nUnknown: the base model's files (README metadata, LICENSE) did not say. Check the base "
+            "model's license before you use or redistribute this model."
+        )
+    origin = "given to ladder-publish" if license.found_in == "--license" else f"read from its `{license.found_in}`"
+    texts = f" The license texts ship with the weights: {license.shipped}." if license.files else ""
+    return f"## License\n\n`{license.hub_id}`, inherited from the base model ({origin}).{texts}"
+
+
+def provenance(facts: CardFacts) -> str:
+    return (
+        "## Provenance\n\n`ladder_provenance.json` records the original (source, revision, the sha256 of its shards), "
+        "the ladder layers, the training (data, tokens, steps, library versions) and this publication "
+        f"(ladder {__version__})."
+    )
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[15, 16, ..., 29] -> "15-29"; [0, 1, 2, 3, 8] -> "0-3, 8"."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(f"{first}-{last}" if first != last else f"{first}" for first, last in runs)

@@ -1,0 +1,360 @@
+"""`ladder-publish MODEL (--repo-id OWNER/NAME | --export DIR)`: a healed ladder model, out as a Hub repository or a
+folder that any transformers user can load, with its evidence.
+
+The output holds the safetensors shards (hardlinked when it can), `config.json` with `auto_map`, the modeling code,
+the tokenizer, chat template and generation config, `ladder_provenance.json`, the gate reports, the base model's
+license texts and a model card (`README.md`). A model whose gate report (`--gate`, default after_adapt) is missing or
+failed is refused unless `--force`, which the card then states. The folder is built in a temporary directory beside
+its target and renamed, or uploaded, at the end. Exit codes: 0 published, 1 refused by the gate, 2 bad input, an
+existing target, or a Hub that is offline, unreachable or refusing.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from fnmatch import fnmatch
+from pathlib import Path
+
+import convert
+from convert import LadderLlamaConfig, __version__
+from convert.converter import (
+    HUB_ID,
+    MODELING_FILES,
+    PROVENANCE_FILE,
+    SIDE_FILES,
+    ConvertError,
+    check_layer_tensors,
+    find_shards,
+    ladder_config,
+    link_or_copy,
+    read_json_object,
+    read_shard_tensor_names,
+    replace_directory,
+    staging_directory,
+)
+from gates.report import Row, failing
+
+from .card import CardFacts, License, build_card, detect_license
+
+CONVERTED_GATE = "after_convert"  # the gate ladder-convert runs on the converted checkpoint
+EVIDENCE_FILES = ("ladder_gate_*.json", "ladder_gate_*.md", "training_curves.png")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+HUB_TIMEOUT_S = 10
+
+
+class PublishError(Exception):
+    """Bad input, an existing target, or the Hub: one line, exit code 2, and nothing left behind (as ConvertError,
+    raised by the checks shared with ladder-convert)."""
+
+
+class GateRefused(Exception):
+    """The gate report is missing or failed, and --force was not given: exit code 1, nothing written."""
+
+
+@dataclass
+class Checkpoint:
+    directory: Path
+    config: dict
+    provenance: dict
+    shards: list[str]
+
+
+@dataclass
+class GateReport:
+    passed: bool
+    rows: list[Row]
+
+
+def publish(
+    model: Path,
+    repo_id: str | None = None,
+    export: Path | None = None,
+    gate: str = "after_adapt",
+    force: bool = False,
+    overwrite: bool = False,
+    private: bool = False,
+    base_model: str | None = None,
+    license_id: str | None = None,
+) -> str:
+    """Export to `export` or upload to `repo_id` (exactly one); returns the folder or the repository's URL."""
+    target = Path(export).expanduser().absolute() if export else None
+    if repo_id:
+        check_repo_id(repo_id)
+        check_hub(repo_id, overwrite)
+    elif target.exists() and not overwrite:
+        raise PublishError(f"{export} already exists: pass --overwrite to replace it")
+    if base_model and not HUB_ID.fullmatch(base_model):
+        raise PublishError(f"--base-model {base_model!r} is not a Hub model id (owner/name)")
+    checkpoint = read_checkpoint(Path(model).expanduser().absolute())
+    if target and (target == checkpoint.directory or checkpoint.directory in target.parents):
+        raise PublishError("--export is inside the model directory: choose another one")
+    report = read_gate_report(checkpoint.directory, gate)
+    problem = gate_problem(report, gate)
+    if problem and not force:
+        raise GateRefused(f"{checkpoint.directory} is not published: {problem} (or pass --force)")
+
+    converted, original = ancestors(checkpoint)
+    license = detect_license([checkpoint.directory, *filter(None, (converted, original))], license_id)
+    check_license_terms(license, repo_id.split("/")[1] if repo_id else None)
+    facts = CardFacts(
+        name=repo_id.split("/")[1] if repo_id else target.name,
+        load_id=repo_id or str(export),
+        base_model=base_model or hub_source(checkpoint.provenance),
+        source=str(checkpoint.provenance.get("source")),
+        ladder_layers=checkpoint.config["ladder_layers"],
+        num_layers=checkpoint.config["num_hidden_layers"],
+        adaptation=checkpoint.provenance.get("adaptation") or {},
+        gate=gate,
+        gate_rows=rows_of(report),
+        converted_rows=rows_of(read_gate_report(converted, CONVERTED_GATE)) if converted else None,
+        forced_because=problem,
+        license=license,
+        chat_template=has_chat_template(checkpoint.directory),
+    )
+
+    staging = staging_directory(target or checkpoint.directory)
+    try:
+        write_folder(checkpoint, converted, facts, staging)
+        if target:
+            replace_directory(staging, target)
+            return str(target)
+        return upload(staging, repo_id, private, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # already gone once renamed into place
+
+
+def check_repo_id(repo_id: str) -> None:
+    if not HUB_ID.fullmatch(repo_id):
+        raise PublishError(f"--repo-id {repo_id!r} is not a Hub repository id (owner/name)")
+
+
+def check_hub(repo_id: str, overwrite: bool) -> None:
+    """Before any work: offline mode, no token, a refused token, an unreachable Hub or an existing repository (without
+    --overwrite) end the command."""
+    from huggingface_hub import HfApi, constants, get_session, get_token, is_offline_mode
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+    if is_offline_mode():
+        raise PublishError("the Hugging Face Hub is off (HF_HUB_OFFLINE is set): publish to a folder with --export DIR")
+    token = get_token()
+    if token is None:
+        raise PublishError("no Hugging Face token: set HF_TOKEN to a token that can write to the repository")
+    with hub_errors(repo_id):
+        # whoami with a timeout first: huggingface_hub's own calls have none, and would hang on a dead network
+        whoami = f"{constants.ENDPOINT}/api/whoami-v2"
+        hf_raise_for_status(get_session().get(whoami, headers=build_hf_headers(token=token), timeout=HUB_TIMEOUT_S))
+        if not overwrite and HfApi().repo_exists(repo_id):
+            raise PublishError(f"{repo_id} already exists on the Hub: pass --overwrite to replace its files")
+
+
+def read_checkpoint(directory: Path) -> Checkpoint:
+    if not directory.is_dir():
+        raise PublishError(f"{directory}: no such directory")
+    config = read_json_object(directory / "config.json", "not a transformers checkpoint")
+    ladder_fields = isinstance(config.get("ladder_layers"), list) and isinstance(config.get("num_hidden_layers"), int)
+    if config.get("model_type") != LadderLlamaConfig.model_type or not ladder_fields:
+        raise PublishError(
+            f"{directory} is not a ladder checkpoint (model type {config.get('model_type')!r}): run ladder-convert"
+        )
+    provenance = read_json_object(directory / PROVENANCE_FILE, "not written by ladder-convert or adapt/sft.py")
+    if not (directory / "tokenizer_config.json").is_file():
+        raise PublishError(f"{directory} has no tokenizer (tokenizer_config.json): save the tokenizer beside the model")
+    shards = find_shards(directory)
+    tensor_names = set().union(*(read_shard_tensor_names(directory / name) for name in shards))
+    check_layer_tensors(tensor_names, config["num_hidden_layers"])
+    return Checkpoint(directory, config, provenance, shards)
+
+
+def read_gate_report(directory: Path, gate: str) -> GateReport | None:
+    """The report gates/report.py wrote into the directory, or None when that gate never ran there."""
+    path = directory / f"ladder_gate_{gate}.json"
+    if not path.is_file():
+        return None
+    report = read_json_object(path, "")
+    try:
+        if not isinstance(report.get("passed"), bool):
+            raise TypeError("no passed verdict")
+        return GateReport(report["passed"], [Row(**row) for row in report["rows"]])
+    except (KeyError, TypeError) as error:
+        raise PublishError(f"{path} is not a gate report ({error})") from None
+
+
+def rows_of(report: GateReport | None) -> list[Row] | None:
+    return report.rows if report else None
+
+
+def gate_problem(report: GateReport | None, gate: str) -> str | None:
+    """Why the gate keeps the model in; None when it lets it out."""
+    if report is None:
+        return f"its {gate} gate report (ladder_gate_{gate}.json) is missing"
+    if not report.passed:
+        return f"its {gate} gate failed on: {', '.join(failing(report.rows)) or 'see the report'}"
+    return None
+
+
+def hub_source(provenance: dict) -> str | None:
+    """The original's Hub id; None when it was converted from a local directory."""
+    source = provenance.get("source")
+    return source if isinstance(source, str) and HUB_ID.fullmatch(source) else None
+
+
+def ancestors(checkpoint: Checkpoint) -> tuple[Path | None, Path | None]:
+    """The converted checkpoint the model was healed from, and the original, where they are directories here.
+
+    The provenance records them as given to the tools: a relative path resolves against the current directory.
+    """
+    converted = (checkpoint.provenance.get("adaptation") or {}).get("converted_model")
+    return existing_directory(converted), existing_directory(checkpoint.provenance.get("source"))
+
+
+def existing_directory(name: object) -> Path | None:
+    path = Path(name).expanduser() if isinstance(name, str) else None
+    return path if path and path.is_dir() else None
+
+
+def check_license_terms(license: License, model_name: str | None) -> None:
+    """A Llama 3.x Community License travels with the weights, and names a model published on the Hub."""
+    version = license.llama_version
+    if not version:
+        return
+    if not any(path.name.startswith("LICENSE") for path in license.files):
+        raise PublishError(
+            f"the Llama {version} Community License must ship with the weights: put it (LICENSE) in the model directory"
+        )
+    if model_name is not None and not model_name.lower().startswith("llama"):
+        raise PublishError(
+            f"the Llama {version} Community License wants the name of a model derived from Llama to begin with "
+            f'"Llama": call the repository Llama-{model_name}, for example'
+        )
+
+
+def has_chat_template(directory: Path) -> bool:
+    tokenizer_config = read_json_object(directory / "tokenizer_config.json", "no tokenizer")
+    return "chat_template" in tokenizer_config or any((directory / name).is_file() for name in CHAT_TEMPLATE_FILES)
+
+
+def write_folder(checkpoint: Checkpoint, converted: Path | None, facts: CardFacts, target: Path) -> None:
+    """Everything beside the card comes from the checkpoint first, then from its converted ancestor."""
+    for name in checkpoint.shards:
+        link_or_copy(checkpoint.directory / name, target / name)
+    copy_matching(checkpoint.directory, target, ("model.safetensors.index.json", *SIDE_FILES, *EVIDENCE_FILES))
+    if converted:
+        copy_matching(converted, target, (f"ladder_gate_{CONVERTED_GATE}.*",))
+    for path in facts.license.files:
+        if not (target / path.name).exists():
+            shutil.copyfile(path, target / path.name)
+    if facts.license.needs_notice:
+        (target / "NOTICE").write_text(facts.license.llama_notice + "\n")
+    for name in MODELING_FILES:  # save_pretrained ships them after `import convert`; older checkpoints may lack them
+        shipped = checkpoint.directory / name
+        shutil.copyfile(shipped if shipped.is_file() else Path(convert.__file__).with_name(name), target / name)
+    config = ladder_config(checkpoint.config, checkpoint.config["ladder_layers"])  # makes sure of auto_map
+    (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (target / PROVENANCE_FILE).write_text(json.dumps(with_publication(checkpoint.provenance, facts), indent=2) + "\n")
+    build_card(facts).save(target / "README.md")
+
+
+def copy_matching(source: Path, target: Path, patterns: tuple[str, ...]) -> None:
+    for path in sorted(source.iterdir()):
+        if path.is_file() and any(fnmatch(path.name, p) for p in patterns) and not (target / path.name).exists():
+            shutil.copyfile(path, target / path.name)
+
+
+def with_publication(provenance: dict, facts: CardFacts) -> dict:
+    publication = {
+        "tool": "ladder-publish",
+        "tool_version": __version__,
+        "name": facts.load_id,
+        "base_model": facts.base_model,
+        "license": facts.license.hub_id,
+        "gate": facts.gate,
+        "forced": facts.forced_because,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return {**provenance, "publication": publication}
+
+
+def upload(folder: Path, repo_id: str, private: bool, overwrite: bool) -> str:
+    """Create the repository (or, with --overwrite, reuse it), then upload the folder."""
+    from huggingface_hub import HfApi  # reads HF_TOKEN itself
+
+    api = HfApi()
+    with hub_errors(repo_id):
+        # None, not False: without --private the namespace's default visibility applies
+        url = api.create_repo(repo_id, private=private or None, exist_ok=overwrite)  # 409 if created meanwhile
+        if overwrite and private:  # an existing repository keeps its visibility through create_repo
+            api.update_repo_settings(repo_id, private=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=f"ladder-publish {__version__}",
+            delete_patterns="*" if overwrite else None,  # the repository then holds exactly this folder
+        )
+    return str(url)
+
+
+@contextmanager
+def hub_errors(repo_id: str):
+    """huggingface_hub's and its HTTP client's exceptions, as one-line PublishErrors."""
+    import httpx2  # huggingface_hub's HTTP client: its transport errors are not huggingface_hub's own
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        yield
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status == 409:  # created meanwhile
+            raise PublishError(f"{repo_id} already exists on the Hub: pass --overwrite to replace its files") from None
+        if status in (401, 403):
+            raise PublishError(f"{repo_id}: the Hub refused the token (HF_TOKEN): {first_line(error)}") from None
+        raise PublishError(f"{repo_id}: the Hub answered {first_line(error)}") from None
+    except httpx2.HTTPError as error:
+        raise PublishError(
+            f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({error}): publish with --export DIR"
+        ) from None
+
+
+def first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ladder-publish", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path, help="the healed checkpoint directory (e.g. runs/NAME-adapted/final)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--repo-id", help="Hub repository to create and upload to (owner/name); token from HF_TOKEN")
+    target.add_argument("--export", type=Path, help="folder to write instead (works offline)")
+    parser.add_argument("--private", action="store_true", help="make the Hub repository private")
+    parser.add_argument("--gate", default="after_adapt", help="gate whose passed report lets the model out")
+    parser.add_argument("--force", action="store_true", help="publish without a passed gate report (the card says so)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export folder or Hub repository")
+    parser.add_argument("--base-model", help="the original's Hub id, when the provenance names a local directory")
+    parser.add_argument("--license", help="the base model's Hub license id, when its files do not say it")
+    args = parser.parse_args(argv)
+    try:
+        published = publish(
+            args.model, args.repo_id, args.export, args.gate, args.force, args.overwrite, args.private,
+            args.base_model, args.license,
+        )  # fmt: skip
+    except GateRefused as refusal:
+        print(f"ladder-publish: {refusal}", file=sys.stderr)
+        return 1
+    except (PublishError, ConvertError, OSError) as error:  # ConvertError: the checks shared with ladder-convert
+        print(f"ladder-publish: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "ladder-publish: interrupted; no export folder was written (a Hub upload may be partial)", file=sys.stderr
+        )
+        return 130
+    print(published)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
