@@ -88,8 +88,10 @@ def tokens_seen(checkpoint: Path) -> int:
     return json.loads((checkpoint / "trainer_state.json").read_text())["num_input_tokens_seen"]
 
 
-def curve(method: str, run: Path, converted: Path, original: Path, gates: Path, curve_gates: Path, work: Path) -> list[dict]:
-    points = [{"tokens": 0} | metrics(run_gate(converted, "curve", str(original), curve_gates, label=f"{method}@0"))]
+def curve(method: str, run: Path, start: dict, converted: Path, original: Path, gates: Path, curve_gates: Path,
+          work: Path) -> list[dict]:  # fmt: skip
+    """`start`: the converted model's point, the same for every method."""
+    points = [start]
     checkpoints = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
     last = Path(last_complete_checkpoint(run))
     for state in checkpoints:
@@ -158,11 +160,12 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         curve_gates = gates_file(Path(work) / "gates.yaml", args.chats, args.arc_limit)
+        start = {"tokens": 0} | metrics(run_gate(args.converted, "curve", str(original), curve_gates, label="converted"))
         results = {}
         for method in args.methods:
             run = args.output / method
             train(method, args.converted, run, args.tokens, args.checkpoints)
-            results[method] = curve(method, run, args.converted, original, Path(work) / "gates.yaml", curve_gates, Path(work))
+            results[method] = curve(method, run, start, args.converted, original, Path(work) / "gates.yaml", curve_gates, Path(work))
     (args.output / "healing_curves.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.output / "healing_curves.png")
     print_table(results)
