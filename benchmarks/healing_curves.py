@@ -28,6 +28,7 @@ import convert  # noqa: F401  (registers the ladder model with the Auto classes)
 from adapt.sft import last_complete_checkpoint
 from convert.smollm2 import fetch_smollm2
 from gates import run_gate
+from gates.data import ALPACA_FILE
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -40,8 +41,11 @@ METHODS = {
     "distill": {"train_layers": "all", "distill_alpha": 0.9},
     "distill-frozen": {"train_layers": "ladder", "distill_alpha": 0.9},  # lower layers frozen, shared with the teacher
     "distill-lora": {"train_layers": "ladder", "distill_alpha": 0.9, "use_peft": True, "lora_r": 32, "lora_alpha": 64,
-                     "lora_target_modules": "all-linear", "learning_rate": 5e-4},  # fmt: skip
-}
+                     "lora_target_modules": "all-linear", "learning_rate": 5e-4},
+    "distill-lr3e-4": {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 3e-4},
+    # Self-distillation: the original's own greedy answers to the Alpaca training prompts replace the data's answers.
+    "self-distill": {"train_layers": "all", "distill_alpha": 0.9, "teacher_answers": True},
+}  # fmt: skip
 TARGET = {"kl": 0.05, "top1_agreement": 0.90}
 
 
@@ -63,15 +67,29 @@ def gates_file(path: Path, chats: int, arc_limit: int | None) -> Path:
     return curve
 
 
-def train(method: str, converted: Path, output: Path, tokens: float, checkpoints: int) -> None:
+def teacher_answers_recipe(original: Path, output: Path, prompts: int) -> Path:
+    """The SmolLM2 recipe with its data replaced by the original's answers to the first `prompts` Alpaca prompts
+    (generated once into `output`: about a minute per 25 prompts on 2 cores)."""
+    answers = output / f"teacher_answers_{prompts}.json"
+    if not answers.is_file():
+        command = [sys.executable, "-m", "adapt.teacher_answers", original, ALPACA_FILE, answers, f"--rows=0:{prompts}"]
+        subprocess.run(command, cwd=REPO, check=True)
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["datasets"] = [{"path": "json", "data_files": str(answers), "split": "train"}]
+    path = output / "recipe_teacher_answers.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def train(method: str, converted: Path, output: Path, tokens: float, checkpoints: int, recipe: Path) -> None:
     save_steps = max(1, math.ceil(tokens / TOKENS_PER_STEP / checkpoints))
-    overrides = METHODS[method] | {
+    overrides = {key: value for key, value in METHODS[method].items() if key != "teacher_answers"} | {
         "model_name_or_path": converted, "output_dir": output, "max_train_tokens": tokens, "save_steps": save_steps,
         "save_total_limit": None, "gate_after": None, "report_to": "none", "logging_steps": 1,
     }  # fmt: skip
     arguments = [f"--{key}={'null' if value is None else value}" for key, value in overrides.items()]
-    print(f"\n== {method}: adapt/sft.py {RECIPE.name} {' '.join(arguments)}", flush=True)
-    subprocess.run([sys.executable, REPO / "adapt" / "sft.py", RECIPE, *arguments], cwd=REPO, check=True)
+    print(f"\n== {method}: adapt/sft.py {recipe.name} {' '.join(arguments)}", flush=True)
+    subprocess.run([sys.executable, REPO / "adapt" / "sft.py", recipe, *arguments], cwd=REPO, check=True)
 
 
 def loadable(checkpoint: Path, converted: Path, work: Path) -> Path:
@@ -113,6 +131,25 @@ def tokens_to_target(points: list[dict]) -> int | None:
     return min(reached, default=None)
 
 
+def extrapolated_tokens_to_target(points: list[dict]) -> float | None:
+    """Where power laws through the trained points (log KL and log top-1 disagreement against log tokens, least
+    squares) both meet the target; None when fewer than two points or a curve that does not fall."""
+    trained = [p for p in points if p["tokens"] > 0]
+    if len(trained) < 2:
+        return None
+    x = [math.log(p["tokens"]) for p in trained]
+    needed = []
+    for errors, target in (([p["kl"] for p in trained], TARGET["kl"]),
+                           ([1 - p["top1_agreement"] for p in trained], 1 - TARGET["top1_agreement"])):  # fmt: skip
+        y = [math.log(max(e, 1e-9)) for e in errors]
+        mean_x, mean_y = sum(x) / len(x), sum(y) / len(y)
+        slope = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y)) / sum((a - mean_x) ** 2 for a in x)
+        if slope >= 0:
+            return None
+        needed.append(math.exp(mean_x + (math.log(target) - mean_y) / slope))
+    return max(needed)
+
+
 def print_table(results: dict[str, list[dict]]) -> None:
     columns = ["kl", "top1_agreement", "arc_easy_local/acc", "arc_challenge_local/acc", "generation_exact_match"]
     print("\n| method | tokens | " + " | ".join(columns) + " |\n|---|---:|" + "---:|" * len(columns))
@@ -123,12 +160,18 @@ def print_table(results: dict[str, list[dict]]) -> None:
     last = next(iter(results.values()))[-1]
     print("| original | | 0 | 1 | " + " | ".join(f"{last.get('original ' + c, float('nan')):.4f}" for c in columns[2:]) + " |")
     print(f"\ntokens to the target (KL <= {TARGET['kl']}, top-1 >= {TARGET['top1_agreement']}):")
-    reached = {method: tokens_to_target(points) for method, points in results.items()}
-    for method, tokens in reached.items():
-        print(f"  {method:16s} {f'{tokens:,}' if tokens else 'not reached within the budget'}")
-    if reached.get("sft") and any(reached.values()):
-        best = min(t for t in reached.values() if t)
-        print(f"  plain SFT / best: {reached['sft'] / best:.1f}x")
+    needed = {}
+    for method, points in results.items():
+        reached, extrapolated = tokens_to_target(points), extrapolated_tokens_to_target(points)
+        needed[method] = reached or extrapolated
+        if reached:
+            print(f"  {method:16s} {reached:,} (measured)")
+        else:
+            guess = f"a power law through its checkpoints says ~{extrapolated:,.0f}" if extrapolated else "no trend to extrapolate"
+            print(f"  {method:16s} not reached within the budget; {guess}")
+    if needed.get("sft") and any(needed.values()):
+        best = min((tokens, method) for method, tokens in needed.items() if tokens)
+        print(f"  plain SFT / best ({best[1]}): {needed['sft'] / best[0]:.1f}x")
 
 
 def plot(results: dict[str, list[dict]], path: Path) -> None:
@@ -152,6 +195,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--chats", type=int, default=100, help="held-out chats for KL and top-1")
     parser.add_argument("--arc-limit", type=int, help="questions per ARC set at the last checkpoint (default: all)")
+    parser.add_argument("--teacher-prompts", type=int, default=4500, help="Alpaca prompts the original answers for self-distill")
     parser.add_argument("--output", type=Path, default=REPO / "runs" / "healing")
     args = parser.parse_args()
     if not (args.converted / "config.json").is_file():
@@ -164,7 +208,9 @@ def main() -> None:
         results = {}
         for method in args.methods:
             run = args.output / method
-            train(method, args.converted, run, args.tokens, args.checkpoints)
+            uses_answers = METHODS[method].get("teacher_answers")
+            recipe = teacher_answers_recipe(original, args.output, args.teacher_prompts) if uses_answers else RECIPE
+            train(method, args.converted, run, args.tokens, args.checkpoints, recipe)
             results[method] = curve(method, run, start, args.converted, original, Path(work) / "gates.yaml", curve_gates, Path(work))
     (args.output / "healing_curves.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.output / "healing_curves.png")

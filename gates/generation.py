@@ -11,25 +11,33 @@ from .config import GenerationConfig
 from .data import heldout_chats
 
 
-@torch.no_grad()
 def greedy_answers(model, tokenizer, config: GenerationConfig) -> list[list[int]]:
-    """Each prompt's new tokens up to and including the first end-of-sequence token."""
-    prompts = [
-        tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True, tokenize=False)
-        for chat in heldout_chats(config.prompts)
-    ]
+    """Each held-out prompt's new tokens up to and including the first end-of-sequence token."""
+    prompts = [chat[:-1] for chat in heldout_chats(config.prompts)]
+    return generate_greedy(model, tokenizer, prompts, config.max_new_tokens, config.batch_size)
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    """Greedy answers to chat prompts, in the order given: new tokens up to and including the first end token.
+
+    Batched with left padding, prompts of similar length together (sorted), so short prompts wait on little padding.
+    """
+    prompts = [tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     stop_ids = set(_as_list(model.generation_config.eos_token_id) or [tokenizer.eos_token_id])
     tokenizer.padding_side = "left"
-    answers = []
-    for start in tqdm(range(0, len(prompts), config.batch_size), desc="generation"):
-        batch = tokenizer(prompts[start : start + config.batch_size], return_tensors="pt", padding=True,
+    answers = {}
+    for start in tqdm(range(0, len(order), batch_size), desc="generation"):
+        indices = order[start : start + batch_size]
+        batch = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(model.device)  # fmt: skip
-        output = model.generate(**batch, max_new_tokens=config.max_new_tokens, do_sample=False,
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        for row in output[:, batch["input_ids"].shape[1] :].tolist():
+        for index, row in zip(indices, output[:, batch["input_ids"].shape[1] :].tolist()):
             end = next((i + 1 for i, token in enumerate(row) if token in stop_ids), len(row))
-            answers.append(row[:end])
-    return answers
+            answers[index] = row[:end]
+    return [answers[i] for i in range(len(prompts))]
 
 
 def compare(reference: list[list[int]], candidate: list[list[int]]) -> dict[str, tuple[float, float]]:

@@ -1,6 +1,7 @@
 """The adaptation stage on a tiny ladder model with SmolLM2's real tokenizer: recipes are validated before any model
 loads, training respects the token budget and the frozen layers, LoRA is merged, and a killed run resumes."""
 
+import json
 import os
 import signal
 import subprocess
@@ -17,8 +18,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapt.sft import last_complete_checkpoint
+from adapt.teacher_answers import main as teacher_answers_main
 from adapt.trainer import DistillingSFTTrainer, SharedTrunkTeacher, freeze_all_but, share_trunk
 from convert.converter import convert
+from gates.data import alpaca_chat
 
 REPO = Path(__file__).resolve().parents[1]
 SFT = REPO / "adapt" / "sft.py"
@@ -191,6 +194,29 @@ def test_teacher_sharing_the_frozen_trunk_gives_the_full_teachers_logits(tiny_pa
     assert share_trunk(AutoModelForCausalLM.from_pretrained(ladder), full) is full
 
 
+def test_teacher_answers_are_the_originals_own_greedy_answers(tiny_pair, tmp_path, capsys):
+    """Self-distillation data: every record keeps its prompt, and its answer is the original's greedy answer to it,
+    the same batched (left-padded, sorted by length) as generated one by one."""
+    original, _ = tiny_pair
+    records = json.loads((REPO / "gates/data/alpaca_5000.json").read_text())[:5]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    command = [original, tmp_path / "data.json", tmp_path / "answers.json", "--max-new-tokens", "12", "--batch-size", "3"]
+    assert teacher_answers_main(list(map(str, command))) == 0
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(original), AutoTokenizer.from_pretrained(original)
+    assert len(answers) == len(records)
+    for record, answer in zip(records, answers):
+        assert (answer["instruction"], answer["input"]) == (record["instruction"], record["input"])
+        prompt = tokenizer.apply_chat_template(alpaca_chat(record)[:-1], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)  # fmt: skip
+        new_tokens = model.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1] :]
+        assert answer["output"] == tokenizer.decode(new_tokens, skip_special_tokens=True).strip() != record["output"]
+
+    capsys.readouterr()
+    assert teacher_answers_main([str(original), str(tmp_path / "missing.json"), str(tmp_path / "out.json")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "out.json").exists()
+
+
 @pytest.mark.parametrize(
     "override, message",
     [({"learning_rat": 1e-4}, "Unknown arguments from config file: ['--learning_rat'"),
@@ -218,7 +244,7 @@ def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_p
 def test_8b_recipe_dry_run_prints_the_plan():
     result = sft(REPO / "recipes/8b.yaml", "--dry_run", "true", "--dry_run_processes", "8")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "plan: 3,000,000,000 tokens = 2,862 steps" in result.stdout
+    assert "plan: 300,000,000 tokens = 287 steps" in result.stdout and "distill_alpha 0.9" in result.stdout
 
 
 def test_default_recipe_never_trains_on_the_gates_heldout_rows():
