@@ -8,7 +8,8 @@ Each method is `python adapt/sft.py recipes/smollm2-135m.yaml` with a few overri
 `ladder-convert` wrote (runs/smollm2-ladder15 by default). Every saved checkpoint gets a fidelity-only gate (KL and
 top-1 on held-out chats); the last one gets the full gate (fidelity, ARC-Easy and ARC-Challenge, greedy answers).
 Prints a table (tokens -> KL, top-1, ARC), the tokens each method needed to reach the target, and writes
-`healing_curves.png` and `healing_curves.json` into --output.
+`healing_curves.png` and `healing_curves.json` into --output. Run again after an interruption, it resumes: finished
+runs and gate reports already in --output are reused.
 """
 
 import argparse
@@ -29,6 +30,7 @@ from adapt.sft import last_complete_checkpoint
 from convert.smollm2 import fetch_smollm2
 from gates import run_gate
 from gates.data import ALPACA_FILE
+from gates.report import Row
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -82,6 +84,10 @@ def teacher_answers_recipe(original: Path, output: Path, prompts: int) -> Path:
 
 
 def train(method: str, converted: Path, output: Path, tokens: float, checkpoints: int, recipe: Path) -> None:
+    """Runs (or resumes, after an interruption) the recipe for one method; a finished run is kept as it is."""
+    if (output / "final" / "config.json").is_file():  # adapt/sft.py writes `final` last
+        print(f"\n== {method}: {output} is a finished run; kept")
+        return
     save_steps = max(1, math.ceil(tokens / TOKENS_PER_STEP / checkpoints))
     overrides = {key: value for key, value in METHODS[method].items() if key != "teacher_answers"} | {
         "model_name_or_path": converted, "output_dir": output, "max_train_tokens": tokens, "save_steps": save_steps,
@@ -114,15 +120,29 @@ def curve(method: str, run: Path, start: dict, converted: Path, original: Path, 
     last = Path(last_complete_checkpoint(run))
     for state in checkpoints:
         checkpoint, is_last = state.parent, state.parent == last
-        verdict = run_gate(loadable(checkpoint, converted, work), "final" if is_last else "curve", str(original),
-                           gates if is_last else curve_gates, label=f"{method}@{tokens_seen(checkpoint)}")  # fmt: skip
-        points.append({"tokens": tokens_seen(checkpoint)} | metrics(verdict))
+        gate, gate_file = ("final", gates) if is_last else ("curve", curve_gates)
+        rows = earlier_verdict(checkpoint, gate, gate_file)
+        if rows is None:
+            rows = run_gate(loadable(checkpoint, converted, work), gate, str(original), gate_file,
+                            label=f"{method}@{tokens_seen(checkpoint)}").rows  # fmt: skip
+        points.append({"tokens": tokens_seen(checkpoint)} | metrics(rows))
     return points
 
 
-def metrics(verdict) -> dict:
-    return {row.metric: row.candidate for row in verdict.rows} | {
-        f"original {row.metric}": row.reference for row in verdict.rows if "/" in row.metric or "generation" in row.metric
+def earlier_verdict(checkpoint: Path, gate: str, gate_file: Path) -> list[Row] | None:
+    """The rows of this gate's report in the checkpoint, if an earlier run of this benchmark wrote it with this suite."""
+    report = checkpoint / f"ladder_gate_{gate}.json"
+    if not report.is_file():
+        return None
+    saved, wanted = json.loads(report.read_text()), yaml.safe_load(gate_file.read_text())["suite"]
+    if any(saved["suite"].get(part) != settings for part, settings in wanted.items()):
+        return None
+    return [Row(**row) for row in saved["rows"]]
+
+
+def metrics(rows: list[Row]) -> dict:
+    return {row.metric: row.candidate for row in rows} | {
+        f"original {row.metric}": row.reference for row in rows if "/" in row.metric or "generation" in row.metric
     }
 
 
@@ -204,7 +224,7 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         curve_gates = gates_file(Path(work) / "gates.yaml", args.chats, args.arc_limit)
-        start = {"tokens": 0} | metrics(run_gate(args.converted, "curve", str(original), curve_gates, label="converted"))
+        start = {"tokens": 0} | metrics(run_gate(args.converted, "curve", str(original), curve_gates, label="converted").rows)
         results = {}
         for method in args.methods:
             run = args.output / method
