@@ -20,7 +20,9 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import get_peft_config
 
+import adapt.packed_attention  # noqa: F401  (registers attn_implementation "sdpa_packed")
 import convert  # noqa: F401  (registers the ladder model with the Auto classes)
+from adapt.allocator import keep_freed_memory
 from adapt.data import load_training_data
 from adapt.plot import plot_curves
 from adapt.recipe import Recipe, RecipeError, fail, parse_recipe
@@ -32,6 +34,7 @@ from gates.config import DEFAULT_GATES_FILE
 
 def main(argv: list[str]) -> int:
     start = time.perf_counter()
+    keep_freed_memory()
     try:
         recipe = parse_recipe(argv)
         if recipe.ladder.dry_run:
@@ -65,7 +68,8 @@ def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
     args.include_num_input_tokens_seen = "non_padding"  # the token budget counts these
     model_dir = recipe.model.model_name_or_path
     dtype = recipe.model.dtype or "auto"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
+    attention = recipe.model.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention)
     ladder_layers = model.config.ladder_layers
     if ladder.train_layers == "ladder":
         print(f"training only the ladder layers: {freeze_all_but(model, ladder_layers):,} parameters")
@@ -74,7 +78,8 @@ def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
         peft_config.layers_to_transform = ladder_layers
     teacher = None
     if ladder.distill_alpha > 0:
-        teacher = share_trunk(model, AutoModelForCausalLM.from_pretrained(ladder.reference, dtype=dtype))
+        original = AutoModelForCausalLM.from_pretrained(ladder.reference, dtype=dtype, attn_implementation=attention)
+        teacher = share_trunk(model, original)
         if isinstance(teacher, SharedTrunkTeacher):
             print(f"the teacher reuses the student's frozen layers 0-{teacher.first - 1}: they run once per step")
     return DistillingSFTTrainer(

@@ -31,16 +31,19 @@ class DistillingSFTTrainer(SFTTrainer):
             teacher_logits = self.teacher(**model_inputs).logits[:, :-1]
         targets = labels[:, 1:]
         scored = targets != -100
-        student, teacher = student_logits[scored].float(), teacher_logits[scored].float()
         count = num_items_in_batch if num_items_in_batch is not None else scored.sum()
-        count = torch.as_tensor(count, device=student.device).clamp(min=1)
-        kl = F.kl_div(
-            (student / self.temperature).log_softmax(-1),
-            (teacher / self.temperature).log_softmax(-1),
-            log_target=True,
-            reduction="sum",
-        )
-        ce = F.cross_entropy(student, targets[scored], reduction="sum")
+        count = torch.as_tensor(count, device=student_logits.device).clamp(min=1)
+        # Every 49k-wide pass over the logits costs on CPU: one log_softmax each, shared by CE and KL at T = 1, and
+        # no copy of the scored rows (with packing nearly every row is scored; the rest are masked out at the end).
+        student_log_probs = student_logits.float().log_softmax(-1)
+        target_log_probs = student_log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        ce = -(target_log_probs * scored).sum()
+        if self.temperature != 1:
+            student_log_probs = (student_logits.float() / self.temperature).log_softmax(-1)
+            teacher_logits = teacher_logits.float() / self.temperature
+        teacher_log_probs = teacher_logits.float().log_softmax(-1)
+        kl_per_token = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="none").sum(-1)
+        kl = (kl_per_token * scored).sum()
         loss = (self.alpha * kl + (1 - self.alpha) * ce) / count
         if self.model.training:
             self._metrics["train"].setdefault("distill_kl", []).append((kl / scored.sum().clamp(min=1)).item())

@@ -17,6 +17,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from adapt import packed_attention
+from adapt.packed_attention import NAME as PACKED_ATTENTION
+from adapt.packed_attention import sequence_starts
 from adapt.sft import last_complete_checkpoint
 from adapt.teacher_answers import main as teacher_answers_main
 from adapt.trainer import DistillingSFTTrainer, SharedTrunkTeacher, freeze_all_but, share_trunk
@@ -194,6 +197,35 @@ def test_teacher_sharing_the_frozen_trunk_gives_the_full_teachers_logits(tiny_pa
     assert share_trunk(AutoModelForCausalLM.from_pretrained(ladder), full) is full
 
 
+@pytest.mark.parametrize("which", ["original", "ladder"])
+def test_packed_attention_gives_each_sequence_its_own_logits_and_gradients(tiny_pair, which, monkeypatch):
+    """sdpa_packed on a padding-free row of three chats equals each chat run alone and sdpa's block-diagonal mask,
+    gradients included, without falling back to sdpa; with a KV cache it is sdpa (same greedy tokens)."""
+    path = dict(zip(["original", "ladder"], tiny_pair))[which]
+    packed_model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=PACKED_ATTENTION)
+    sdpa_model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    lengths = [5, 11, 8]
+    ids = torch.randint(3, 49152, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    row = {"input_ids": ids, "position_ids": positions, "labels": ids, "use_cache": False}
+
+    assert sequence_starts(positions, sum(lengths)) == [0, 5, 16]
+    with monkeypatch.context() as patch:
+        patch.setattr(packed_attention, "sdpa_attention_forward", None)  # a fallback would fail here
+        packed = packed_model(**row)
+    sdpa = sdpa_model(**row)
+    alone = torch.cat([sdpa_model(chunk).logits for chunk in ids.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(packed.logits, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed.logits, sdpa.logits, atol=1e-5, rtol=0)
+    packed.loss.backward()
+    sdpa.loss.backward()
+    for (name, p), q in zip(packed_model.named_parameters(), sdpa_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+    prompt = {"input_ids": ids[:, :6], "max_new_tokens": 8, "do_sample": False}
+    assert torch.equal(packed_model.generate(**prompt), sdpa_model.generate(**prompt))
+
+
 def test_teacher_answers_are_the_originals_own_greedy_answers(tiny_pair, tmp_path, capsys):
     """Self-distillation data: every record keeps its prompt, and its answer is the original's greedy answer to it,
     the same batched (left-padded, sorted by length) as generated one by one."""
@@ -281,5 +313,6 @@ def test_smollm2_recipe_trains_the_real_model_and_gates_it(smollm2_dir, tmp_path
     provenance = read_json(final / "ladder_provenance.json")
     assert provenance["ladder_layers"] == list(range(15, 30)) and provenance["adaptation"]["tokens"] >= 600
     assert (final / "training_curves.png").is_file() and (final / "chat_template.jinja").is_file()
+    assert PACKED_ATTENTION not in (final / "config.json").read_text()  # a training-time choice, not shipped
     healed = AutoModelForCausalLM.from_pretrained(final)
     assert healed.config.tie_word_embeddings and healed.config.ladder_layers == list(range(15, 30))
