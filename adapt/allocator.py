@@ -2,8 +2,8 @@
 
 glibc's malloc serves large blocks (a 49k-vocabulary logits tensor is 400 MB) with fresh mmap calls and returns them
 on free, so every training step page-faults and zeroes gigabytes again: a quarter of the CPU time of a SmolLM2 step
-on 2 cores was in the kernel. With mmap off and trimming off, freed blocks are reused. Peak RSS grows a little (measured: 9.5 ->
-10.5 GB for SmolLM2 distillation); the step time drops (README "Benchmarks", benchmarks/train_speed.py).
+on 2 cores was in the kernel. With mmap off and trimming off, freed blocks are reused. Peak RSS grows a little
+(measured: 9.5 -> 10.5 GB for SmolLM2 distillation); the step time drops (README "Benchmarks", train_speed.py).
 """
 
 import ctypes
