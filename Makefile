@@ -1,22 +1,32 @@
 # `make demo`: set up, then the whole path on SmolLM2-135M-Instruct: convert its top 15 layers (gated), heal them
 # briefly (DEMO_TOKENS; gated), export the result, print the original / converted / adapted table and the answers.
 # `make test`: set up, run the test suite.
+# Set-up installs the versions in requirements.lock, the ones the suite last passed with. `make test-latest` runs the
+# suite on the newest releases pyproject.toml allows instead; `make lock` does that and, if it passes, makes them the
+# lock.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+LOCK := requirements.lock
+LATEST := .venv-latest
 # The CPU build; on a CUDA machine set TORCH to the build you want (e.g. TORCH=torch==2.13.0 from the CUDA index).
 TORCH ?= torch==2.13.0
 RUN := runs/smollm2-ladder15
 DEMO_TOKENS ?= 12000
 EXPORT := dist/smollm2-ladder15
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-latest lock
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+# A fresh environment in $(1) with our package and its dependencies: $(2) is extra pip arguments.
+define make_env
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	$(1)/bin/python -m pip install --quiet "$(TORCH)"
+	$(1)/bin/python -m pip install --quiet -e ".[dev]" $(2)
+endef
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	$(call make_env,$(VENV),--constraint $(LOCK))
 	touch $@
 
 setup: $(VENV)/.installed
@@ -37,3 +47,16 @@ demo: setup
 test: setup
 	$(VENV)/bin/ladder-fetch-smollm2
 	$(PY) -m pytest -q
+
+# The torch build stays $(TORCH); everything else resolves afresh to its newest allowed release.
+test-latest:
+	$(PYTHON) -m venv --clear $(LATEST)
+	$(call make_env,$(LATEST),)
+	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|trl|peft|accelerate|datasets|lm.eval) "
+	$(LATEST)/bin/ladder-fetch-smollm2
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
+
+# Local version labels (+cpu) dropped, so the lock also admits the CUDA build of the same torch release.
+lock: test-latest
+	{ echo "# What make setup installs (pip --constraint): the versions the test suite last passed with. make lock refreshes it."; \
+	  $(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//'; } > $(LOCK)

@@ -1,9 +1,26 @@
 """Configuration of a Llama model whose upper layers use Ladder Residual wiring.
 
-This file imports only transformers: `save_pretrained` ships it as remote code beside the weights.
+This file imports only transformers (and packaging, which transformers needs): `save_pretrained` ships it as remote
+code beside the weights. Loading a checkpoint reads it first, so it is where a transformers release the model code
+was not written for is refused.
 """
 
+import transformers
+from packaging.version import Version
 from transformers import LlamaConfig
+
+# The releases the model code is tested with (pyproject.toml's range; a test keeps the two equal). Outside it, the
+# Llama internals it reuses may have changed, and a silently wrong model is worse than no model.
+SUPPORTED_TRANSFORMERS = ("5.23", "6")
+
+
+def check_transformers_version(installed: str = transformers.__version__) -> None:
+    low, high = SUPPORTED_TRANSFORMERS
+    if not Version(low) <= Version(installed) < Version(high):
+        raise ImportError(f"ladder_llama needs transformers>={low},<{high}; this environment has {installed}")
+
+
+check_transformers_version()
 
 
 class LadderLlamaConfig(LlamaConfig):

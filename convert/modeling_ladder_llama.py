@@ -11,8 +11,12 @@ through the model, A (the residual after the last attention) and H (after the la
 A ladder layer's attention never waits for the MLP just before it, and its MLP never waits for its own attention,
 so under tensor parallelism each module's all-reduce can overlap the next module's compute.
 
-This file imports only torch and transformers: `save_pretrained` ships it as remote code beside the weights.
+This file imports only torch and transformers: `save_pretrained` ships it as remote code beside the weights, and it
+then runs under whatever transformers release the user has (the configuration file refuses releases it does not
+support).
 """
+
+import inspect
 
 import torch
 from torch import nn
@@ -23,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
+    LlamaModel,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
@@ -30,6 +35,11 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ladder_llama import LadderLlamaConfig
+
+# transformers 5.24 renamed the KV cache argument and output field from `past_key_values` to `cache` (the old name is
+# still accepted, with a FutureWarning, until 5.40). Mixing the names drops the cache silently, so this model takes and
+# passes it under the name the installed release's own Llama uses.
+CACHE = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 class LadderLlamaDecoderLayer(LlamaDecoderLayer):
@@ -79,19 +89,20 @@ class LadderLlamaModel(LadderLlamaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """Llama's signature; the KV cache comes in `kwargs` under the installed release's name (`CACHE`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        cache: Cache | None = kwargs.pop(CACHE, None)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -99,8 +110,8 @@ class LadderLlamaModel(LadderLlamaPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE: cache},
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
 
@@ -112,11 +123,11 @@ class LadderLlamaModel(LadderLlamaPreTrainedModel):
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **{CACHE: cache},
                 **kwargs,
             )
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **{CACHE: cache})
 
 
 class LadderLlamaForCausalLM(LadderLlamaPreTrainedModel, GenerationMixin):

@@ -7,12 +7,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_json, save_tiny_checkpoint, tiny_llama
+from conftest import ladder_twin, read_json, save_tiny_checkpoint, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from convert import LadderLlamaForCausalLM, converter
@@ -92,6 +93,55 @@ def test_converted_smollm2_loads_with_and_without_remote_code(converted_smollm2,
     assert result.returncode == 0, result.stderr
     remote = torch.load(tmp_path / "remote.pt", weights_only=True)["logits"]
     assert torch.equal(remote, logits)
+
+
+@pytest.fixture(scope="module")
+def unwired_smollm2(smollm2, tmp_path_factory) -> Path:
+    """SmolLM2 as a ladder checkpoint with no ladder layers, saved with its remote code."""
+    output = tmp_path_factory.mktemp("unwired") / "smollm2-ladder0"
+    ladder_twin(smollm2, []).save_pretrained(output)
+    return output
+
+
+@pytest.mark.parametrize("checkpoint", ["converted_smollm2", "unwired_smollm2"], ids=["ladder15", "ladder0"])
+def test_remote_code_generates_the_same_with_and_without_the_cache(checkpoint, smollm2_tokenizer, tmp_path, request):
+    """As users run a checkpoint: a clean process, `trust_remote_code=True`, the installed transformers, no package of
+    ours. A model whose attention loses its KV cache generates other tokens cached than uncached."""
+    directory = request.getfixturevalue(checkpoint)
+    chat = [{"role": "user", "content": "Name three primary colors."}]
+    ids = smollm2_tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        sys.modules["convert"] = None  # makes `import convert` fail
+        # The cache-argument rename of transformers 5.24 warns about our code when it mixes the two names.
+        warnings.filterwarnings("error", message=".*(past_key_values|cache)", category=FutureWarning)
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(directory)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ids = torch.tensor({ids.tolist()})
+        greedy = dict(max_new_tokens=24, do_sample=False, pad_token_id=2)
+        cached = model.generate(ids, use_cache=True, **greedy)
+        uncached = model.generate(ids, use_cache=False, **greedy)
+        print(cached[0, ids.shape[1]:].tolist())
+        assert torch.equal(cached, uncached), (cached.tolist(), uncached.tolist())
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout.splitlines()[-1])) >= 8  # a real answer was compared, not an early EOS
+
+
+def test_model_code_refuses_transformers_releases_it_does_not_support():
+    from convert.configuration_ladder_llama import SUPPORTED_TRANSFORMERS, check_transformers_version
+
+    check_transformers_version("5.23.0")
+    for outside in ("5.22.2", "4.57.1", "6.0.0"):
+        with pytest.raises(ImportError, match=r"ladder_llama needs transformers>=5\.23,<6; this environment has"):
+            check_transformers_version(outside)
+    # The remote code's range is the one pyproject.toml installs.
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    low, high = SUPPORTED_TRANSFORMERS
+    assert f"transformers>={low},<{high}" in pyproject["project"]["dependencies"]
 
 
 @pytest.fixture
