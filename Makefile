@@ -42,7 +42,7 @@ demo: setup
 	$(VENV)/bin/ladder-publish $(RUN)-demo/final --export $(EXPORT) --overwrite --force \
 		--base-model HuggingFaceTB/SmolLM2-135M-Instruct --license apache-2.0 && \
 	sed -n '/^## Evaluation/,/^## Usage/p' $(EXPORT)/README.md | head -n -1 && \
-	$(PY) -m convert.chat "$$smollm2" $(RUN) $(EXPORT)
+	$(PY) -m ladder.convert.chat "$$smollm2" $(RUN) $(EXPORT)
 
 test: setup
 	$(VENV)/bin/ladder-fetch-smollm2

@@ -2,7 +2,7 @@
 
 from trl import DatasetMixtureConfig, get_dataset
 
-from gates.data import alpaca_chat
+from ladder.gates.alpaca import alpaca_chat
 
 from .recipe import RecipeError
 

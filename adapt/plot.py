@@ -8,7 +8,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_curves(log_history: list[dict], before, after, path: Path) -> None:
+def plot_curves(log_history: list[dict], before, after, targets: dict[str, float], path: Path) -> None:
+    """`targets`: the after-gate's KL ceiling and top-1 floor (`gates.config.fidelity_targets`), drawn as lines."""
     logged = [entry for entry in log_history if "loss" in entry and "num_input_tokens_seen" in entry]
     tokens = [entry["num_input_tokens_seen"] for entry in logged]
     final_tokens = max(tokens, default=0)
@@ -22,8 +23,8 @@ def plot_curves(log_history: list[dict], before, after, path: Path) -> None:
         for row in verdict.rows if verdict else []:
             if row.metric in ("kl", "top1_agreement"):
                 gate_axis.scatter([at], [row.candidate], marker=marker, label=f"{row.metric} at {at:,} tokens")
-    gate_axis.axhline(0.05, color="grey", linestyle=":", linewidth=1)
-    gate_axis.axhline(0.90, color="grey", linestyle=":", linewidth=1)
+    for target in targets.values():
+        gate_axis.axhline(target, color="grey", linestyle=":", linewidth=1)
     gate_axis.set(xlabel="tokens trained", title="held-out fidelity (gate)")
     gate_axis.legend(fontsize=8)
     figure.tight_layout()

@@ -4,14 +4,13 @@ on the command line: `python adapt/sft.py recipes/smollm2-135m.yaml --learning_r
 """
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, TrlParser
 
-from convert.converter import PROVENANCE_FILE
+from ladder.checkpoint import CheckpointError, read_json_object, read_provenance
 
 TEMPLATES = ("none", "alpaca", "sharegpt")
 
@@ -88,8 +87,8 @@ def validate(recipe: Recipe) -> None:
 
 
 def check_gates(ladder: LadderArguments) -> None:
-    from gates import GateUsageError, load_gates_file
-    from gates.config import DEFAULT_GATES_FILE
+    from ladder.gates import GateUsageError, load_gates_file
+    from ladder.gates.config import DEFAULT_GATES_FILE
 
     try:
         defined = load_gates_file(ladder.gates_file or DEFAULT_GATES_FILE).gates
@@ -102,9 +101,7 @@ def check_gates(ladder: LadderArguments) -> None:
 
 def check_files(recipe: Recipe) -> None:
     model_dir = Path(recipe.model.model_name_or_path)
-    if not (model_dir / "config.json").is_file():
-        raise RecipeError(f"model_name_or_path {model_dir} is not a checkpoint directory (no config.json)")
-    if json.loads((model_dir / "config.json").read_text()).get("model_type") != "ladder_llama":
+    if read_json_object(model_dir / "config.json", "not a checkpoint directory").get("model_type") != "ladder_llama":
         raise RecipeError(f"{model_dir} is not a ladder checkpoint: convert it with ladder-convert first")
     for dataset in recipe.data.datasets:
         files = dataset.data_files
@@ -115,10 +112,10 @@ def check_files(recipe: Recipe) -> None:
 
 
 def reference_from_provenance(model_dir: Path) -> str:
-    provenance = model_dir / PROVENANCE_FILE
-    if not provenance.is_file():
-        raise RecipeError(f"{model_dir} has no {PROVENANCE_FILE}: set reference in the recipe")
-    return json.loads(provenance.read_text())["source"]
+    try:
+        return read_provenance(model_dir)["source"]
+    except CheckpointError as error:
+        raise RecipeError(f"{error}: set reference in the recipe") from None
 
 
 def fail(error: Exception) -> None:

@@ -9,9 +9,7 @@ and a plot of the curves go to `output_dir/final`; the `gate_after` verdict is t
 recipe).
 """
 
-import json
 import math
-import shutil
 import sys
 import time
 from importlib.metadata import version
@@ -20,16 +18,16 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import get_peft_config
 
-import adapt.packed_attention  # noqa: F401  (registers attn_implementation "sdpa_packed")
-import convert  # noqa: F401  (registers the ladder model with the Auto classes)
-from adapt.allocator import keep_freed_memory
-from adapt.data import load_training_data
-from adapt.plot import plot_curves
-from adapt.recipe import Recipe, RecipeError, fail, parse_recipe
-from adapt.trainer import DistillingSFTTrainer, SharedTrunkTeacher, TokenBudget, freeze_all_but, share_trunk
-from convert.converter import PROVENANCE_FILE
-from gates import GateUsageError, run_gate
-from gates.config import DEFAULT_GATES_FILE
+import ladder.adapt.packed_attention  # noqa: F401  (registers attn_implementation "sdpa_packed")
+import ladder  # noqa: F401  (registers the ladder model with the Auto classes)
+from ladder.adapt.allocator import keep_freed_memory
+from ladder.adapt.data import load_training_data
+from ladder.adapt.plot import plot_curves
+from ladder.adapt.recipe import Recipe, RecipeError, fail, parse_recipe
+from ladder.adapt.trainer import DistillingSFTTrainer, SharedTrunkTeacher, TokenBudget, freeze_all_but, share_trunk
+from ladder.checkpoint import PROVENANCE_FILE, CheckpointError, read_provenance, staged, tool_stamp, write_provenance
+from ladder.gates import GateUsageError, load_gates_file, run_gate
+from ladder.gates.config import DEFAULT_GATES_FILE, fidelity_targets
 
 
 def main(argv: list[str]) -> int:
@@ -43,7 +41,7 @@ def main(argv: list[str]) -> int:
             return 0
         dataset = load_training_data(recipe.data, recipe.ladder.dataset_template)
         before = gate(recipe, recipe.model.model_name_or_path, recipe.ladder.gate_before)
-    except (RecipeError, GateUsageError) as error:
+    except (RecipeError, GateUsageError, CheckpointError) as error:
         fail(error)
 
     trainer = build_trainer(recipe, dataset)
@@ -58,7 +56,8 @@ def main(argv: list[str]) -> int:
 
     final = save_final(trainer, recipe, time.perf_counter() - start)
     after = gate(recipe, final, recipe.ladder.gate_after)
-    plot_curves(trainer.state.log_history, before, after, final / "training_curves.png")
+    targets = fidelity_targets(load_gates_file(gates_file(recipe)).gates.get(recipe.ladder.gate_after, {}))
+    plot_curves(trainer.state.log_history, before, after, targets, final / "training_curves.png")
     print(f"healed model: {final} ({time.perf_counter() - start:.0f} s)")
     return 0 if after is None or after.passed else 1
 
@@ -118,26 +117,22 @@ def print_plan(recipe: Recipe, tokens_per_sequence: float, processes: int) -> in
     return planned
 
 
+def gates_file(recipe: Recipe) -> Path:
+    return Path(recipe.ladder.gates_file or DEFAULT_GATES_FILE)
+
+
 def gate(recipe: Recipe, candidate, name: str | None):
-    if name is None:
-        return None
-    gates_file = recipe.ladder.gates_file or DEFAULT_GATES_FILE
-    return run_gate(candidate, name, recipe.ladder.reference, gates_file)
+    return run_gate(candidate, name, recipe.ladder.reference, gates_file(recipe)) if name else None
 
 
 def save_final(trainer, recipe: Recipe, seconds: float) -> Path:
     """The healed model as a plain checkpoint (LoRA merged), written aside and renamed into place."""
-    output = Path(recipe.training.output_dir)
-    final, partial = output / "final", output / "final.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    final = Path(recipe.training.output_dir) / "final"
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(partial)
-    trainer.processing_class.save_pretrained(partial)
     source_dir = Path(recipe.model.model_name_or_path)
-    provenance = json.loads((source_dir / PROVENANCE_FILE).read_text()) if (source_dir / PROVENANCE_FILE).is_file() else {}
-    provenance["adaptation"] = {
+    adaptation = {
         "converted_model": str(source_dir.absolute()),
         "reference": recipe.ladder.reference,
         "recipe": sys.argv[1:],
@@ -148,9 +143,11 @@ def save_final(trainer, recipe: Recipe, seconds: float) -> Path:
         "wall_time_s": round(seconds, 1),
         "versions": {name: version(name) for name in ("torch", "transformers", "trl", "peft", "accelerate")},
     }
-    (partial / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    with staged(final) as partial:
+        model.save_pretrained(partial)
+        trainer.processing_class.save_pretrained(partial)
+        converted = read_provenance(source_dir) if (source_dir / PROVENANCE_FILE).is_file() else {"source": adaptation["reference"]}
+        write_provenance(partial, converted | {"adaptation": adaptation | tool_stamp("adapt/sft.py")})
     return final
 
 

@@ -1,6 +1,6 @@
 """Self-distillation data: the original model's own greedy answers to a dataset's prompts, as training targets.
 
-    python -m adapt.teacher_answers ORIGINAL DATA.json OUTPUT.json [--rows 0:4500] [--max-new-tokens 256]
+    python -m ladder.adapt.teacher_answers ORIGINAL DATA.json OUTPUT.json [--rows 0:4500] [--max-new-tokens 256]
 
 DATA holds Alpaca-layout records (instruction, input, output), as the SmolLM2 recipe's files do. OUTPUT gets the same
 records with every `output` replaced by ORIGINAL's greedy answer to the same chat prompt, so a recipe trains on the
@@ -9,16 +9,15 @@ teacher's answers by pointing its `data_files` at OUTPUT. Answers cut off at --m
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gates.data import alpaca_chat
-from gates.generation import generate_greedy
+from ladder.checkpoint import staged
+from ladder.gates.alpaca import alpaca_chat
+from ladder.gates.generation import generate_greedy
 
 
 def teacher_answers(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int) -> list[dict]:
@@ -44,13 +43,6 @@ def read_records(path: Path, rows: str) -> list[dict]:
     return records[int(start or 0) : int(end) if end else None]
 
 
-def write_atomically(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".partial", delete=False) as partial:
-        json.dump(records, partial, indent=1, ensure_ascii=False)
-    os.replace(partial.name, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("original", help="the teacher: the original checkpoint (directory or Hub id)")
@@ -68,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teacher_answers: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    write_atomically(args.output, teacher_answers(model, tokenizer, records, args.max_new_tokens, args.batch_size))
+    answered = teacher_answers(model, tokenizer, records, args.max_new_tokens, args.batch_size)
+    with staged(args.output, directory=False) as partial:
+        partial.write_text(json.dumps(answered, indent=1, ensure_ascii=False))
     print(f"{len(records)} teacher answers: {args.output}")
     return 0
 

@@ -58,7 +58,7 @@ def write_synthetic_checkpoint(directory: Path, num_layers: int) -> None:
 # The converter's own peak, read from the kernel (VmHWM starts afresh at exec, so the benchmark's memory is not counted).
 CONVERT_AND_REPORT_PEAK_RSS = """
 import re, sys
-from convert.converter import main
+from ladder.convert.converter import main
 assert main([sys.argv[1], "--layers", sys.argv[2], "--output", sys.argv[3]]) == 0
 print(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1])
 """

@@ -9,9 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from convert.converter import convert
-from convert.smollm2 import fetch_smollm2
-from gates import run_gate
+from ladder.convert.converter import convert
+from ladder.convert.smollm2 import fetch_smollm2
+from ladder.gates import run_gate
 
 
 def main() -> None:

@@ -25,12 +25,13 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import convert  # noqa: F401  (registers the ladder model with the Auto classes)
-from adapt.sft import last_complete_checkpoint
-from convert.smollm2 import fetch_smollm2
-from gates import run_gate
-from gates.data import ALPACA_FILE
-from gates.report import Row
+import ladder  # noqa: F401  (registers the ladder model with the Auto classes)
+from ladder.adapt.sft import last_complete_checkpoint
+from ladder.convert.smollm2 import fetch_smollm2
+from ladder.gates import load_gates_file, report, run_gate
+from ladder.gates.alpaca import ALPACA_FILE
+from ladder.gates.config import fidelity_targets
+from ladder.gates.report import Row
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -48,7 +49,7 @@ METHODS = {  # every learning rate spelled out: the recipe's own default changed
     # Self-distillation: the original's own greedy answers to the Alpaca training prompts replace the data's answers.
     "self-distill": {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 1e-4, "teacher_answers": True},
 }  # fmt: skip
-TARGET = {"kl": 0.05, "top1_agreement": 0.90}
+TARGET = fidelity_targets(load_gates_file().gates["after_adapt"])  # KL and top-1 of the recovery gate
 
 
 def gates_file(path: Path, chats: int, arc_limit: int | None) -> Path:
@@ -131,13 +132,10 @@ def curve(method: str, run: Path, start: dict, converted: Path, original: Path, 
 
 def earlier_verdict(checkpoint: Path, gate: str, gate_file: Path) -> list[Row] | None:
     """The rows of this gate's report in the checkpoint, if an earlier run of this benchmark wrote it with this suite."""
-    report = checkpoint / f"ladder_gate_{gate}.json"
-    if not report.is_file():
+    saved, wanted = report.read(checkpoint, gate), load_gates_file(gate_file).suite.as_dict()
+    if saved is None or any(saved.suite.get(part) != settings for part, settings in wanted.items() if settings):
         return None
-    saved, wanted = json.loads(report.read_text()), yaml.safe_load(gate_file.read_text())["suite"]
-    if any(saved["suite"].get(part) != settings for part, settings in wanted.items()):
-        return None
-    return [Row(**row) for row in saved["rows"]]
+    return saved.rows
 
 
 def metrics(rows: list[Row]) -> dict:

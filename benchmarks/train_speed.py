@@ -29,12 +29,12 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from trl import SFTConfig
 
-from adapt.allocator import keep_freed_memory
-from adapt.packed_attention import NAME as PACKED_ATTENTION
-from adapt.trainer import DistillingSFTTrainer, freeze_all_but, share_trunk
-from convert.converter import convert
-from convert.smollm2 import fetch_smollm2
-from gates.data import TRAIN, alpaca_chat, alpaca_records
+from ladder.adapt.allocator import keep_freed_memory
+from ladder.adapt.packed_attention import NAME as PACKED_ATTENTION
+from ladder.adapt.trainer import DistillingSFTTrainer, freeze_all_but, share_trunk
+from ladder.convert.converter import convert
+from ladder.convert.smollm2 import fetch_smollm2
+from ladder.gates.alpaca import TRAIN, alpaca_chat, alpaca_records
 
 
 VARIANTS = ["stock SFT", "ladder SFT", "distill, all", "distill, all, sdpa", "distill, frozen", "distill, frozen, shared"]

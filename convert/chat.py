@@ -1,4 +1,4 @@
-"""`python -m convert.chat CHECKPOINT [CHECKPOINT ...] --prompt TEXT`: each checkpoint's greedy answer to one chat
+"""`python -m ladder.convert.chat CHECKPOINT [CHECKPOINT ...] --prompt TEXT`: each checkpoint's greedy answer to one chat
 prompt, side by side; the quickest look at what a conversion did to a model."""
 
 import argparse
@@ -6,7 +6,7 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import convert  # noqa: F401  (registers the ladder model, so converted checkpoints load without remote code)
+import ladder  # noqa: F401  (registers the ladder model with the Auto classes)
 
 
 @torch.no_grad()

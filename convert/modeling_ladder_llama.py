@@ -45,22 +45,20 @@ CACHE = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters e
 class LadderLlamaDecoderLayer(LlamaDecoderLayer):
     """Llama's decoder layer (same modules, same weight names) that carries both residual streams.
 
-    Takes and returns `(hidden, residual)`: H first, so hooks that record a layer's first output see H, the stream
-    a standard Llama layer returns.
+    Takes and returns `(H, A)`: H first, so hooks that record a layer's first output see H, the stream a standard
+    Llama layer returns.
     """
 
     def __init__(self, config: LadderLlamaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.is_ladder = layer_idx in config.ladder_layers
 
-    def forward(self, hidden, residual, **attention_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        attn_input = residual if self.is_ladder else hidden
-        attn_output, _ = self.self_attn(self.input_layernorm(attn_input), **attention_kwargs)
-        new_residual = hidden + attn_output
+    def forward(self, H, A, **attention_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        attn_output, _ = self.self_attn(self.input_layernorm(A if self.is_ladder else H), **attention_kwargs)
+        new_A = H + attn_output
         # A ladder MLP reads H from before this layer's attention; a standard one reads the fresh A.
-        mlp_input = hidden if self.is_ladder else new_residual
-        new_hidden = new_residual + self.mlp(self.post_attention_layernorm(mlp_input))
-        return new_hidden, new_residual
+        new_H = new_A + self.mlp(self.post_attention_layernorm(H if self.is_ladder else new_A))
+        return new_H, new_A
 
 
 class LadderLlamaPreTrainedModel(LlamaPreTrainedModel):
@@ -115,11 +113,11 @@ class LadderLlamaModel(LadderLlamaPreTrainedModel):
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
 
-        hidden = residual = inputs_embeds
+        H = A = inputs_embeds
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden, residual = decoder_layer(
-                hidden,
-                residual,
+            H, A = decoder_layer(
+                H,
+                A,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
@@ -127,7 +125,7 @@ class LadderLlamaModel(LadderLlamaPreTrainedModel):
                 **{CACHE: cache},
                 **kwargs,
             )
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **{CACHE: cache})
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(H), **{CACHE: cache})
 
 
 class LadderLlamaForCausalLM(LadderLlamaPreTrainedModel, GenerationMixin):

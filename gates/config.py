@@ -13,10 +13,15 @@
 A section left out of the suite is not measured. Every key is checked: an unknown one is an error naming it.
 """
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+from .alpaca import HELDOUT
 
 DEFAULT_GATES_FILE = Path(__file__).with_name("default_gates.yaml")
 FIDELITY_METRICS = ("kl", "top1_agreement", "response_perplexity")
@@ -28,6 +33,17 @@ THRESHOLD_KINDS = {
     "ratio_max": lambda ref, cand, limit: cand / ref <= limit,
     "drop_max": lambda ref, cand, limit: (ref - cand) * 100 <= limit,
 }
+ThresholdKind = Literal["max", "min", "ratio_max", "drop_max"]
+# pydantic checks every field's type and range: no unknown key, no coercion ("10" and true are not numbers).
+STRICT = ConfigDict(extra="forbid")
+Positive = Annotated[StrictInt, Field(ge=1)]
+HeldoutCount = Annotated[StrictInt, Field(ge=1, le=HELDOUT.stop - HELDOUT.start)]  # rows exist to measure on
+
+
+def fidelity_targets(thresholds: dict[str, dict[str, float]]) -> dict[str, float]:
+    """A gate's KL ceiling and top-1 floor, where it sets them: the lines healing curves are drawn against."""
+    bounds = {"kl": "max", "top1_agreement": "min"}
+    return {metric: thresholds[metric][kind] for metric, kind in bounds.items() if kind in thresholds.get(metric, {})}
 
 
 class GateUsageError(ValueError):
@@ -38,29 +54,29 @@ class GateConfigError(GateUsageError):
     """A malformed gates file."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class FidelityConfig:
-    chats: int = 200  # held-out Alpaca chats; only response tokens are scored
-    max_length: int = 512
-    top_k: int = 512  # reference log-probs kept per token (plus one bucket for the rest): the cached KL target
-    batch_size: int = 8
+    chats: HeldoutCount = 200  # held-out Alpaca chats; only response tokens are scored
+    max_length: Positive = 512
+    top_k: Positive = 512  # reference log-probs kept per token (plus one bucket for the rest): the cached KL target
+    batch_size: Positive = 8
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class BenchmarkConfig:
-    tasks: list[str] = field(default_factory=lambda: ["arc_easy_local"])
-    limit: int | None = 500  # questions per task; null for all
-    batch_size: int = 16
+    tasks: list[StrictStr] = field(default_factory=lambda: ["arc_easy_local"])
+    limit: Positive | None = 500  # questions per task; null for all
+    batch_size: Positive = 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class GenerationConfig:
-    prompts: int = 50  # held-out Alpaca prompts, answered greedily by both models
-    max_new_tokens: int = 32
-    batch_size: int = 16
+    prompts: HeldoutCount = 50  # held-out Alpaca prompts, answered greedily by both models
+    max_new_tokens: Positive = 32
+    batch_size: Positive = 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class Suite:
     fidelity: FidelityConfig | None = None
     benchmarks: BenchmarkConfig | None = None
@@ -76,66 +92,40 @@ class Suite:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class GatesFile:
-    suite: Suite
-    gates: dict[str, dict[str, dict[str, float]]]  # gate -> metric -> threshold kind -> limit
+    suite: Suite = field(default_factory=Suite)
+    gates: dict[str, dict[str, dict[ThresholdKind, StrictFloat]]] = field(default_factory=dict)  # gate -> metric -> kind -> limit
 
 
 def load_gates_file(path: Path | str = DEFAULT_GATES_FILE) -> GatesFile:
+    where = Path(path).name
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise GateConfigError(f"gates file {path} does not exist") from None
+    except IsADirectoryError:
+        raise GateConfigError(f"gates file {path} is a directory, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise GateConfigError(f"gates file {path} is not UTF-8 text") from None
     except yaml.YAMLError as error:
         raise GateConfigError(f"{path} is not valid YAML ({str(error).splitlines()[0]})") from None
-    where = Path(path).name
-    raw = _mapping(raw, where, {"suite", "gates"})
-    suite_raw = _mapping(raw.get("suite") or {}, f"{where}: suite", {"fidelity", "benchmarks", "generation"})
-    sections = {
-        name: _section(cls, suite_raw[name], f"{where}: suite.{name}")
-        for name, cls in (("fidelity", FidelityConfig), ("benchmarks", BenchmarkConfig), ("generation", GenerationConfig))
-        if name in suite_raw
-    }
-    suite = Suite(**sections)
-    gates = {
-        name: _thresholds(thresholds, suite, f"{where}: gates.{name}")
-        for name, thresholds in _mapping(raw.get("gates") or {}, f"{where}: gates", None).items()
-    }
-    return GatesFile(suite, gates)
+    try:
+        gates = TypeAdapter(GatesFile).validate_python(raw)
+    except ValidationError as error:
+        raise GateConfigError(f"{where}: {first_problem(error)}") from None
+    known = gates.suite.metric_names()
+    for name, thresholds in gates.gates.items():
+        unknown = sorted(set(thresholds) - set(known))
+        if unknown:
+            raise GateConfigError(f"{where}: gates.{name}: unknown key {unknown[0]!r} (the suite measures: {', '.join(known)})")
+    return gates
 
 
-def _mapping(value, where: str, known: set[str] | None) -> dict:
-    if not isinstance(value, dict):
-        raise GateConfigError(f"{where} must be a mapping, not {type(value).__name__}")
-    unknown = sorted(set(value) - known) if known is not None else []
-    if unknown:
-        raise GateConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    return value
-
-
-def _section(cls, value, where: str):
-    value = _mapping(value or {}, where, {f.name for f in fields(cls)})
-    for f in fields(cls):
-        if f.name in value and not _has_type(value[f.name], f.type):
-            raise GateConfigError(f"{where}.{f.name} must be {f.type}, not {value[f.name]!r}")
-    return cls(**value)
-
-
-def _has_type(value, annotation) -> bool:
-    expected = {int: (int,), int | None: (int, type(None)), list[str]: (list,)}[annotation]
-    if isinstance(value, bool) or not isinstance(value, expected):
-        return False
-    return not isinstance(value, list) or all(isinstance(v, str) for v in value)
-
-
-def _thresholds(value, suite: Suite, where: str) -> dict[str, dict[str, float]]:
-    known_metrics = suite.metric_names()
-    thresholds = {}
-    for metric, rule in _mapping(value, where, set(known_metrics)).items():
-        rule = _mapping(rule, f"{where}.{metric}", set(THRESHOLD_KINDS))
-        for kind, limit in rule.items():
-            if isinstance(limit, bool) or not isinstance(limit, (int, float)):
-                raise GateConfigError(f"{where}.{metric}.{kind} must be a number, not {limit!r}")
-        thresholds[metric] = {kind: float(limit) for kind, limit in rule.items()}
-    return thresholds
+def first_problem(error: ValidationError) -> str:
+    """pydantic's first error as one line: where in the file, and what is wrong there."""
+    problem = error.errors()[0]
+    path = [str(part) for part in problem["loc"] if part != "[key]"]
+    if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"unknown key {path[-1]!r}" + (f" in {'.'.join(path[:-1])}" if len(path) > 1 else "")
+    return f"{'.'.join(path) or 'the file'}: {problem['msg']} (got {problem['input']!r})"

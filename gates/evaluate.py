@@ -6,7 +6,6 @@ device type and the dtype, so gating a second candidate against the same origina
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,12 +14,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import convert  # noqa: F401  (registers the ladder model with the Auto classes)
-from convert.converter import PROVENANCE_FILE, ConvertError, find_shards, hash_shards, resolve_source
+import ladder
+from ladder.checkpoint import CheckpointError, find_shards, hash_shards, read_provenance, resolve_source, staged
 
-from . import benchmarks, fidelity, generation, report
+from . import fidelity, generation, harness, report
 from .config import DEFAULT_GATES_FILE, GatesFile, GateUsageError, load_gates_file
-from .data import DATA_DIR
+from .alpaca import DATA_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
 
@@ -52,16 +51,19 @@ def run_gate(
     gates = load_gates_file(gates_file)
     if gate not in gates.gates:
         raise EvalUsageError(f"unknown gate {gate!r}; {Path(gates_file).name} defines: {', '.join(gates.gates)}")
-    manager = benchmarks.task_manager() if gates.suite.benchmarks else None
+    manager = harness.task_manager() if gates.suite.benchmarks else None
     if manager:
-        benchmarks.check_tasks(gates.suite.benchmarks.tasks, manager)
+        harness.check_tasks(gates.suite.benchmarks.tasks, manager)
     candidate = Path(candidate)
     if not (candidate / "config.json").is_file():
         raise EvalUsageError(f"candidate {candidate} is not a checkpoint directory (no config.json)")
-    reference_name = reference or _provenance_source(candidate)
     try:
-        reference_dir = resolve_source(reference_name, None).directory
-    except ConvertError as error:
+        reference_name = reference or read_provenance(candidate)["source"]
+    except CheckpointError as error:
+        raise EvalUsageError(f"{error}: pass --reference") from None
+    try:
+        reference_dir = resolve_source(reference_name).directory
+    except CheckpointError as error:
         raise EvalUsageError(f"reference: {error}") from None
     tokenizer = _matching_tokenizer(reference_dir, candidate)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -102,7 +104,7 @@ def measure(model, tokenizer, gates: GatesFile, manager, reference: dict | None 
         else:
             metrics |= fidelity.compare(model, batches, reference["fidelity"])
     if suite.benchmarks:
-        scores = benchmarks.run(model, tokenizer, suite.benchmarks, manager)
+        scores = harness.run(model, tokenizer, suite.benchmarks, manager)
         if reference is None:
             raw["benchmarks"] = scores
         else:
@@ -114,13 +116,6 @@ def measure(model, tokenizer, gates: GatesFile, manager, reference: dict | None 
         else:
             metrics |= generation.compare(reference["generation"], answers)
     return raw if reference is None else metrics
-
-
-def _provenance_source(candidate: Path) -> str:
-    provenance = candidate / PROVENANCE_FILE
-    if not provenance.is_file():
-        raise EvalUsageError(f"{candidate} has no {PROVENANCE_FILE} naming its original: pass --reference")
-    return json.loads(provenance.read_text())["source"]
 
 
 def _matching_tokenizer(reference_dir: Path, candidate: Path):
@@ -149,16 +144,16 @@ def _load(path: Path, device: torch.device, dtype: torch.dtype):
 def _cache_file(reference_dir: Path, gates: GatesFile, device: torch.device, dtype: torch.dtype) -> Path:
     try:
         weights = hash_shards([reference_dir / name for name in find_shards(reference_dir)])
-    except ConvertError as error:
+    except CheckpointError as error:
         raise EvalUsageError(f"reference: {error}") from None
     small_files = [reference_dir / n for n in TOKENIZER_FILES] + sorted(DATA_DIR.iterdir())
     key = {
         "weights": weights,
         "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in small_files if f.is_file()},
-        "suite": gates.suite.as_dict(), "device": device.type, "dtype": str(dtype), "version": convert.__version__,
+        "suite": gates.suite.as_dict(), "device": device.type, "dtype": str(dtype), "version": ladder.__version__,
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return convert.cache_root() / "gates" / f"reference-{digest}.pt"
+    return ladder.cache_root() / "gates" / f"reference-{digest}.pt"
 
 
 def _load_cached(path: Path) -> dict | None:
@@ -166,7 +161,5 @@ def _load_cached(path: Path) -> dict | None:
 
 
 def _save_cached(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    torch.save(results, partial)
-    partial.rename(path)
+    with staged(path, directory=False) as partial:
+        torch.save(results, partial)

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import FidelityConfig
-from .data import heldout_chats
+from .alpaca import heldout_chats
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import GenerationConfig
-from .data import heldout_chats
+from .alpaca import heldout_chats
 
 
 def greedy_answers(model, tokenizer, config: GenerationConfig) -> list[list[int]]:

@@ -1,8 +1,13 @@
-"""A gate's verdict: one row per metric (reference | candidate | delta | threshold | pass), as JSON and Markdown."""
+"""A gate's verdict: one row per metric (reference | candidate | delta | threshold | pass), as JSON and Markdown.
+
+The report files, `ladder_gate_<gate>.json` and `.md` in the candidate's directory, are written and read here only.
+"""
 
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ladder.checkpoint import CheckpointError, read_json_object
 
 from .config import THRESHOLD_KINDS
 
@@ -31,6 +36,19 @@ def judge(metrics: dict[str, tuple[float, float]], thresholds: dict[str, dict[st
     return rows
 
 
+@dataclass
+class Report:
+    gate: str
+    passed: bool
+    rows: list[Row]
+    suite: dict  # what was measured, as the gates file set it
+
+
+def report_files(gate: str = "*") -> tuple[str, str]:
+    """The names of a gate's report files (a glob pattern for every gate's by default)."""
+    return f"ladder_gate_{gate}.json", f"ladder_gate_{gate}.md"
+
+
 def failing(rows: list[Row]) -> list[str]:
     return [row.metric for row in rows if row.passed is False]
 
@@ -49,8 +67,22 @@ def write(directory: Path, gate: str, rows: list[Row], facts: dict) -> Path:
     """`ladder_gate_<gate>.json` and `.md` in the candidate's directory, where later stages look for them."""
     passed = not failing(rows)
     report = {"gate": gate, "passed": passed, **facts, "rows": [asdict(row) for row in rows]}
-    json_path = directory / f"ladder_gate_{gate}.json"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    json_name, markdown_name = report_files(gate)
+    (directory / json_name).write_text(json.dumps(report, indent=2) + "\n")
     title = f"Gate `{gate}`: {'passed' if passed else 'FAILED'} ({facts['candidate']} vs {facts['reference']})"
-    (directory / f"ladder_gate_{gate}.md").write_text(markdown(rows, title))
-    return json_path
+    (directory / markdown_name).write_text(markdown(rows, title))
+    return directory / json_name
+
+
+def read(directory: Path, gate: str) -> Report | None:
+    """The report `write` left in `directory`, or None when that gate never ran there."""
+    path = directory / report_files(gate)[0]
+    if not path.is_file():
+        return None
+    report = read_json_object(path, "")
+    try:
+        if not isinstance(report.get("passed"), bool):
+            raise TypeError("no passed verdict")
+        return Report(gate, report["passed"], [Row(**row) for row in report["rows"]], report.get("suite") or {})
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"{path} is not a gate report ({error})") from None

@@ -8,9 +8,9 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard import metadata_load
 
-from convert import __version__
-from convert.converter import HUB_ID
-from gates.report import Row
+from ladder import __version__
+from ladder.checkpoint import HUB_ID
+from ladder.gates.report import Row
 
 LICENSE_FILES = ("LICENSE*", "USE_POLICY*", "NOTICE*")
 LLAMA_LICENSE_ID = re.compile(r"llama(3\.[123])")
@@ -230,11 +230,11 @@ output = model.generate(**inputs, max_new_tokens=32)
 print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-With the `ladder` package installed, `import convert` registers the architecture with transformers' Auto classes,
+With the `ladder` package installed, `import ladder` registers the architecture with transformers' Auto classes,
 and the package's own code loads the model without `trust_remote_code`:
 
 ```python
-import convert  # noqa: F401
+import ladder  # noqa: F401
 from transformers import AutoModelForCausalLM
 
 model = AutoModelForCausalLM.from_pretrained("{facts.load_id}")
@@ -248,7 +248,7 @@ Ladder Residual gains nothing on a single device: its gain is the communication 
 depends on the tensor-parallel size, the interconnect, the batch size and the engine. This card therefore promises
 no speed-up. The numbers measured so far, with their set-up, are in the *Benchmarks* and *Tensor-parallel inference*
 sections of the `ladder` project's README; measure this model on your own hardware with
-`torchrun --nproc-per-node 2 -m serve bench --model {facts.load_id} --batch 1,4,16`."""
+`torchrun --nproc-per-node 2 -m ladder.serve bench --model {facts.load_id} --batch 1,4,16`."""
 
 
 def license_section(facts: CardFacts) -> str:

@@ -10,45 +10,47 @@ existing target, or a Hub that is offline, unreachable or refusing.
 """
 
 import argparse
-import json
+import filecmp
+import inspect
 import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from fnmatch import fnmatch
 from pathlib import Path
 
-import convert
-from convert import LadderLlamaConfig, __version__
-from convert.converter import (
+from ladder import LadderLlamaConfig, __version__
+from ladder.checkpoint import (
     HUB_ID,
     MODELING_FILES,
-    PROVENANCE_FILE,
     SIDE_FILES,
-    ConvertError,
+    CheckpointError,
+    check_apart,
     check_layer_tensors,
+    copy_matching,
     find_shards,
-    ladder_config,
     link_or_copy,
     read_json_object,
-    read_shard_tensor_names,
-    replace_directory,
-    staging_directory,
+    read_provenance,
+    staged,
+    tool_stamp,
+    write_ladder_config,
+    write_provenance,
 )
-from gates.report import Row, failing
+from ladder.gates import report
+from ladder.gates.report import Report, Row
 
 from .card import CardFacts, License, build_card, detect_license
 
 CONVERTED_GATE = "after_convert"  # the gate ladder-convert runs on the converted checkpoint
-EVIDENCE_FILES = ("ladder_gate_*.json", "ladder_gate_*.md", "training_curves.png")
+EVIDENCE_FILES = (*report.report_files(), "training_curves.png")
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 HUB_TIMEOUT_S = 10
 
 
 class PublishError(Exception):
-    """Bad input, an existing target, or the Hub: one line, exit code 2, and nothing left behind (as ConvertError,
-    raised by the checks shared with ladder-convert)."""
+    """An existing target, or the Hub: one line, exit code 2, and nothing left behind (as a CheckpointError, a bad
+    model directory)."""
 
 
 class GateRefused(Exception):
@@ -61,12 +63,6 @@ class Checkpoint:
     config: dict
     provenance: dict
     shards: list[str]
-
-
-@dataclass
-class GateReport:
-    passed: bool
-    rows: list[Row]
 
 
 def publish(
@@ -90,10 +86,10 @@ def publish(
     if base_model and not HUB_ID.fullmatch(base_model):
         raise PublishError(f"--base-model {base_model!r} is not a Hub model id (owner/name)")
     checkpoint = read_checkpoint(Path(model).expanduser().absolute())
-    if target and (target == checkpoint.directory or checkpoint.directory in target.parents):
-        raise PublishError("--export is inside the model directory: choose another one")
-    report = read_gate_report(checkpoint.directory, gate)
-    problem = gate_problem(report, gate)
+    if target:
+        check_apart(target, checkpoint.directory, "--export")
+    verdict = report.read(checkpoint.directory, gate)
+    problem = gate_problem(verdict, gate)
     if problem and not force:
         raise GateRefused(f"{checkpoint.directory} is not published: {problem} (or pass --force)")
 
@@ -109,22 +105,22 @@ def publish(
         num_layers=checkpoint.config["num_hidden_layers"],
         adaptation=checkpoint.provenance.get("adaptation") or {},
         gate=gate,
-        gate_rows=rows_of(report),
-        converted_rows=rows_of(read_gate_report(converted, CONVERTED_GATE)) if converted else None,
+        gate_rows=rows_of(verdict),
+        converted_rows=rows_of(report.read(converted, CONVERTED_GATE)) if converted else None,
         forced_because=problem,
         license=license,
         chat_template=has_chat_template(checkpoint.directory),
     )
 
-    staging = staging_directory(target or checkpoint.directory)
-    try:
-        write_folder(checkpoint, converted, facts, staging)
-        if target:
-            replace_directory(staging, target)
-            return str(target)
-        return upload(staging, repo_id, private, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # already gone once renamed into place
+    warn_if_model_code_differs(checkpoint.directory)
+    if target:
+        with staged(target) as folder:
+            write_folder(checkpoint, converted, facts, folder)
+        return str(target)
+    # Beside the model, so the shards hardlink instead of being copied for the upload.
+    with tempfile.TemporaryDirectory(prefix=f".{checkpoint.directory.name}.", dir=checkpoint.directory.parent) as folder:
+        write_folder(checkpoint, converted, facts, Path(folder))
+        return upload(Path(folder), repo_id, private, overwrite)
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -160,39 +156,24 @@ def read_checkpoint(directory: Path) -> Checkpoint:
         raise PublishError(
             f"{directory} is not a ladder checkpoint (model type {config.get('model_type')!r}): run ladder-convert"
         )
-    provenance = read_json_object(directory / PROVENANCE_FILE, "not written by ladder-convert or adapt/sft.py")
+    provenance = read_provenance(directory)
     if not (directory / "tokenizer_config.json").is_file():
         raise PublishError(f"{directory} has no tokenizer (tokenizer_config.json): save the tokenizer beside the model")
     shards = find_shards(directory)
-    tensor_names = set().union(*(read_shard_tensor_names(directory / name) for name in shards))
-    check_layer_tensors(tensor_names, config["num_hidden_layers"])
+    check_layer_tensors(directory, shards, config["num_hidden_layers"])
     return Checkpoint(directory, config, provenance, shards)
 
 
-def read_gate_report(directory: Path, gate: str) -> GateReport | None:
-    """The report gates/report.py wrote into the directory, or None when that gate never ran there."""
-    path = directory / f"ladder_gate_{gate}.json"
-    if not path.is_file():
-        return None
-    report = read_json_object(path, "")
-    try:
-        if not isinstance(report.get("passed"), bool):
-            raise TypeError("no passed verdict")
-        return GateReport(report["passed"], [Row(**row) for row in report["rows"]])
-    except (KeyError, TypeError) as error:
-        raise PublishError(f"{path} is not a gate report ({error})") from None
+def rows_of(verdict: Report | None) -> list[Row] | None:
+    return verdict.rows if verdict else None
 
 
-def rows_of(report: GateReport | None) -> list[Row] | None:
-    return report.rows if report else None
-
-
-def gate_problem(report: GateReport | None, gate: str) -> str | None:
+def gate_problem(verdict: Report | None, gate: str) -> str | None:
     """Why the gate keeps the model in; None when it lets it out."""
-    if report is None:
-        return f"its {gate} gate report (ladder_gate_{gate}.json) is missing"
-    if not report.passed:
-        return f"its {gate} gate failed on: {', '.join(failing(report.rows)) or 'see the report'}"
+    if verdict is None:
+        return f"its {gate} gate report ({report.report_files(gate)[0]}) is missing"
+    if not verdict.passed:
+        return f"its {gate} gate failed on: {', '.join(report.failing(verdict.rows)) or 'see the report'}"
     return None
 
 
@@ -243,39 +224,33 @@ def write_folder(checkpoint: Checkpoint, converted: Path | None, facts: CardFact
         link_or_copy(checkpoint.directory / name, target / name)
     copy_matching(checkpoint.directory, target, ("model.safetensors.index.json", *SIDE_FILES, *EVIDENCE_FILES))
     if converted:
-        copy_matching(converted, target, (f"ladder_gate_{CONVERTED_GATE}.*",))
+        copy_matching(converted, target, report.report_files(CONVERTED_GATE))
     for path in facts.license.files:
         if not (target / path.name).exists():
             shutil.copyfile(path, target / path.name)
     if facts.license.needs_notice:
         (target / "NOTICE").write_text(facts.license.llama_notice + "\n")
-    for name in MODELING_FILES:  # save_pretrained ships them after `import convert`; older checkpoints may lack them
-        shipped = checkpoint.directory / name
-        shutil.copyfile(shipped if shipped.is_file() else Path(convert.__file__).with_name(name), target / name)
-    config = ladder_config(checkpoint.config, checkpoint.config["ladder_layers"])  # makes sure of auto_map
-    (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (target / PROVENANCE_FILE).write_text(json.dumps(with_publication(checkpoint.provenance, facts), indent=2) + "\n")
-    build_card(facts).save(target / "README.md")
-
-
-def copy_matching(source: Path, target: Path, patterns: tuple[str, ...]) -> None:
-    for path in sorted(source.iterdir()):
-        if path.is_file() and any(fnmatch(path.name, p) for p in patterns) and not (target / path.name).exists():
-            shutil.copyfile(path, target / path.name)
-
-
-def with_publication(provenance: dict, facts: CardFacts) -> dict:
+    # Our own model code, the code the gates ran (ladder-eval loads our registered classes), whatever the folder holds.
+    write_ladder_config(target, checkpoint.config, checkpoint.config["ladder_layers"])
     publication = {
-        "tool": "ladder-publish",
-        "tool_version": __version__,
         "name": facts.load_id,
         "base_model": facts.base_model,
         "license": facts.license.hub_id,
         "gate": facts.gate,
         "forced": facts.forced_because,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return {**provenance, "publication": publication}
+    write_provenance(target, checkpoint.provenance | {"publication": publication | tool_stamp("ladder-publish")})
+    build_card(facts).save(target / "README.md")
+
+
+def warn_if_model_code_differs(directory: Path) -> None:
+    """Code beside the weights that is not ours was never gated: it is left out, and the user told so."""
+    ours = Path(inspect.getfile(LadderLlamaConfig)).parent
+    for name in MODELING_FILES:
+        theirs = directory / name
+        if theirs.is_file() and not filecmp.cmp(theirs, ours / name, shallow=False):
+            print(f"ladder-publish: warning: {theirs} differs from this ladder's model code and is not published: "
+                  "the export ships the code the gates ran", file=sys.stderr)  # fmt: skip
 
 
 def upload(folder: Path, repo_id: str, private: bool, overwrite: bool) -> str:
@@ -344,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     except GateRefused as refusal:
         print(f"ladder-publish: {refusal}", file=sys.stderr)
         return 1
-    except (PublishError, ConvertError, OSError) as error:  # ConvertError: the checks shared with ladder-convert
+    except (PublishError, CheckpointError, OSError) as error:
         print(f"ladder-publish: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,2 +1,2 @@
 """Tensor-parallel inference of Ladder Llama checkpoints, with each ladder module's all-reduce overlapped with the next
-module's compute, and the benchmark that measures it (`python -m serve generate|bench`)."""
+module's compute, and the benchmark that measures it (`python -m ladder.serve generate|bench`)."""

@@ -1,4 +1,4 @@
-"""`python -m serve generate|bench`: tensor-parallel greedy generation, and its speed with and without ladder wiring.
+"""`python -m ladder.serve generate|bench`: tensor-parallel greedy generation, and its speed with and without ladder wiring.
 
 Under `torchrun --nproc-per-node N` each process is one rank. Run without torchrun, `--tp N` starts the N ranks
 itself (on this machine's loopback, or with `bench --slow-link` in two network namespaces joined by a throttled link).
@@ -31,7 +31,7 @@ from .model import (
     load_model,
 )
 
-PROG = "serve"
+PROG = "ladder.serve"
 
 
 def parse_args(argv):
@@ -276,7 +276,7 @@ def ancestors(event):
 
 
 def launch(args, argv: list[str]) -> int:
-    """Start the ranks as `python -m serve ...` processes; with --slow-link, each in its own network namespace."""
+    """Start the ranks as `python -m ladder.serve ...` processes; with --slow-link, each in its own network namespace."""
     validate(args, args.tp)
     with slow_link(args.link_rate, args.link_delay_ms) if args.slow_link else loopback(args.tp) as places:
         port, ranks = free_port(), []
@@ -286,7 +286,7 @@ def launch(args, argv: list[str]) -> int:
                 LOCAL_WORLD_SIZE=str(args.tp), MASTER_ADDR=master, MASTER_PORT=str(port),
                 GLOO_SOCKET_IFNAME=interface, SERVE_LAUNCHED="1",
             )  # fmt: skip
-            ranks.append(subprocess.Popen([*prefix, sys.executable, "-m", "serve", *argv], env=env))
+            ranks.append(subprocess.Popen([*prefix, sys.executable, "-m", "ladder.serve", *argv], env=env))
         return wait_all(ranks)
 
 

@@ -18,8 +18,8 @@ from torch.profiler import record_function
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-import convert  # noqa: F401  (registers `ladder_llama` with AutoConfig)
-from convert import LadderLlamaConfig
+import ladder  # noqa: F401  (registers the ladder model with the Auto classes)
+from ladder import LadderLlamaConfig
 
 # Published shapes, for benchmarking models we cannot download; `--layers` scales the depth down.
 SHAPES = {

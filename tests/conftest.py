@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from convert import LadderLlamaConfig, LadderLlamaForCausalLM
-from convert.smollm2 import fetch_smollm2
+from ladder import LadderLlamaConfig, LadderLlamaForCausalLM
+from ladder.convert.smollm2 import fetch_smollm2
 
 TINY = dict(
     vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=6, num_attention_heads=4,

@@ -17,14 +17,14 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapt import packed_attention
-from adapt.packed_attention import NAME as PACKED_ATTENTION
-from adapt.packed_attention import sequence_starts
-from adapt.sft import last_complete_checkpoint
-from adapt.teacher_answers import main as teacher_answers_main
-from adapt.trainer import DistillingSFTTrainer, SharedTrunkTeacher, freeze_all_but, share_trunk
-from convert.converter import convert
-from gates.data import alpaca_chat
+from ladder.adapt import packed_attention
+from ladder.adapt.packed_attention import NAME as PACKED_ATTENTION
+from ladder.adapt.packed_attention import sequence_starts
+from ladder.adapt.sft import last_complete_checkpoint
+from ladder.adapt.teacher_answers import main as teacher_answers_main
+from ladder.adapt.trainer import DistillingSFTTrainer, SharedTrunkTeacher, freeze_all_but, share_trunk
+from ladder.convert.converter import convert
+from ladder.gates.alpaca import alpaca_chat
 
 REPO = Path(__file__).resolve().parents[1]
 SFT = REPO / "adapt" / "sft.py"
@@ -253,7 +253,7 @@ def test_teacher_answers_are_the_originals_own_greedy_answers(tiny_pair, tmp_pat
     "override, message",
     [({"learning_rat": 1e-4}, "Unknown arguments from config file: ['--learning_rat'"),
      ({"train_layers": "some"}, "train_layers must be 'all' or 'ladder'"),
-     ({"model_name_or_path": "/nowhere"}, "is not a checkpoint directory"),
+     ({"model_name_or_path": "/nowhere"}, "has no config.json: not a checkpoint directory"),
      ({"datasets": [{"path": "json", "data_files": "/nowhere.json"}]}, "dataset file /nowhere.json does not exist"),
      ({"dataset_template": "none"}, "it needs 'messages', or 'prompt' and 'completion'"),
      ({"distill_alpha": 2}, "distill_alpha must be in [0, 1]"),
@@ -261,7 +261,7 @@ def test_teacher_answers_are_the_originals_own_greedy_answers(tiny_pair, tmp_pat
      ({"max_train_tokens": "lots"}, "invalid float value: 'lots'")],
 )  # fmt: skip
 def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_path, override, message, capsys):
-    from adapt import sft as sft_script
+    from ladder.adapt import sft as sft_script
 
     _, ladder = tiny_pair
     with pytest.raises(SystemExit) as exit_info:
@@ -281,7 +281,7 @@ def test_8b_recipe_dry_run_prints_the_plan():
 
 def test_default_recipe_never_trains_on_the_gates_heldout_rows():
     recipe = yaml.safe_load((REPO / "recipes/smollm2-135m.yaml").read_text())
-    from gates.data import HELDOUT
+    from ladder.gates.alpaca import HELDOUT
 
     alpaca = [d for d in recipe["datasets"] if d["data_files"].endswith("alpaca_5000.json")]
     assert [d["split"] for d in alpaca] == [f"train[:{HELDOUT.start}]"]

@@ -16,8 +16,10 @@ import torch
 from conftest import ladder_twin, read_json, save_tiny_checkpoint, tiny_llama
 from transformers import AutoModelForCausalLM
 
-from convert import LadderLlamaForCausalLM, converter
-from convert.converter import ConvertError, parse_layers
+from ladder import LadderLlamaForCausalLM
+from ladder.convert import converter
+from ladder.checkpoint import CheckpointError
+from ladder.convert.converter import parse_layers
 
 
 def sha256(path: Path) -> str:
@@ -80,7 +82,7 @@ def test_converted_smollm2_loads_with_and_without_remote_code(converted_smollm2,
     # A fresh process in which our package cannot be imported: only the shipped remote code can build the model.
     script = textwrap.dedent(f"""
         import sys
-        sys.modules["convert"] = None  # makes `import convert` fail
+        sys.modules["ladder"] = None  # makes `import ladder` fail
         import torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(converted_smollm2)!r}, trust_remote_code=True)
@@ -112,7 +114,7 @@ def test_remote_code_generates_the_same_with_and_without_the_cache(checkpoint, s
     ids = smollm2_tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")["input_ids"]
     script = textwrap.dedent(f"""
         import sys, warnings
-        sys.modules["convert"] = None  # makes `import convert` fail
+        sys.modules["ladder"] = None  # makes `import ladder` fail
         # The cache-argument rename of transformers 5.24 warns about our code when it mixes the two names.
         warnings.filterwarnings("error", message=".*(past_key_values|cache)", category=FutureWarning)
         import torch
@@ -132,7 +134,7 @@ def test_remote_code_generates_the_same_with_and_without_the_cache(checkpoint, s
 
 
 def test_model_code_refuses_transformers_releases_it_does_not_support():
-    from convert.configuration_ladder_llama import SUPPORTED_TRANSFORMERS, check_transformers_version
+    from ladder.convert.configuration_ladder_llama import SUPPORTED_TRANSFORMERS, check_transformers_version
 
     check_transformers_version("5.23.0")
     for outside in ("5.22.2", "4.57.1", "6.0.0"):
@@ -160,7 +162,8 @@ def test_parse_layers():
 @pytest.mark.parametrize(
     "spec, message",
     [("", "empty"), ("0", "count from 1 to 6"), ("7", "count from 1 to 6"), ("4-9", "out of range"),
-     ("a,b", "malformed"), ("3-1", "malformed"), ("1,,2", "malformed"), ("-2", "malformed")],
+     ("a,b", "malformed"), ("3-1", "malformed"), ("1,,2", "malformed"), ("-2", "malformed"),
+     ("0-99999999999999", "'0-99999999999999' is out of range 0-5"), ("0-3000000", "out of range 0-5")],
 )  # fmt: skip
 def test_bad_layers_are_one_line_errors(tiny_dir, tmp_path, spec, message, capsys):
     output = tmp_path / "out"
@@ -189,6 +192,11 @@ def break_checkpoint(directory: Path, how: str) -> None:
         shards[0].write_bytes(bytes(data))
     elif how == "missing shard":
         shards[1].unlink()
+    elif how == "escaping shard":
+        index = read_json(directory / "model.safetensors.index.json")
+        index["weight_map"]["lm_head.weight"] = "../escaped.safetensors"
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+        shutil.copyfile(shards[0], directory.parent / "escaped.safetensors")
     elif how == "pickle only":
         for shard in shards:
             shard.unlink()
@@ -201,7 +209,7 @@ def break_checkpoint(directory: Path, how: str) -> None:
     [("no config.json", "has no config.json"), ("not llama", "'mistral' is not supported; supported: llama"),
      ("already ladder", "already a ladder checkpoint"), ("truncated shard", "truncated or corrupted"),
      ("corrupted header", "not a valid safetensors file"), ("missing shard", "missing shards"),
-     ("pickle only", "refuses to unpickle")],
+     ("pickle only", "refuses to unpickle"), ("escaping shard", "names shards outside the checkpoint directory")],
 )  # fmt: skip
 def test_bad_checkpoints_are_one_line_errors(tiny_dir, tmp_path, how, message, capsys):
     break_checkpoint(tiny_dir, how)
@@ -224,6 +232,19 @@ def test_missing_path_and_existing_output(tiny_dir, tmp_path):
     assert run_cli(str(tiny_dir), "--layers", "2", "--output", str(existing), "--overwrite", "--no-eval").returncode == 0
     assert not (existing / "keep.txt").exists() and read_json(existing / "config.json")["ladder_layers"] == [4, 5]
     assert not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["its folder", "itself", "inside it"])
+def test_an_output_overlapping_the_source_is_refused_and_nothing_is_deleted(tiny_dir, tmp_path, where):
+    models = tmp_path / "models"
+    source = models / "src"
+    shutil.copytree(tiny_dir, source)
+    (models / "notes.txt").write_text("mine")
+    output = {"its folder": models, "itself": source, "inside it": source / "out"}[where]
+    result = run_cli(str(source), "--layers", "2", "--output", str(output), "--overwrite", "--no-eval")
+    assert_one_line_error(result, "is, contains or lies inside the source")
+    assert (models / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in tiny_dir.iterdir())
 
 
 def test_hub_id_while_offline_is_a_one_line_error(tmp_path):
@@ -277,7 +298,7 @@ def test_hub_errors_are_explained(monkeypatch, tmp_path, error_name, message):
         raise error("401 Client Error", response=SimpleNamespace(headers={}, request=None))
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
-    with pytest.raises(ConvertError, match=message):
+    with pytest.raises(CheckpointError, match=message):
         converter.convert("meta-llama/Llama-3.1-8B-Instruct", "16", tmp_path / "o")
 
 

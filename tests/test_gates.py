@@ -11,11 +11,11 @@ import pytest
 import yaml
 from conftest import ladder_twin, read_json
 
-from convert import converter
-from gates import cli, fidelity
-from gates.config import DEFAULT_GATES_FILE, FidelityConfig, GateConfigError, load_gates_file
-from gates.data import HELDOUT, TRAIN, alpaca_records
-from gates.report import judge
+from ladder.convert import converter
+from ladder.gates import cli, fidelity
+from ladder.gates.config import DEFAULT_GATES_FILE, FidelityConfig, GateConfigError, load_gates_file
+from ladder.gates.alpaca import HELDOUT, TRAIN, alpaca_records
+from ladder.gates.report import judge
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,9 +157,14 @@ def test_thresholds_judge_each_kind():
     "text, message",
     [("suite: {fidelity: {chats: 10}}\ngates: {g: {kl: {max: 1}}}\nextra: 1", "unknown key 'extra'"),
      ("suite: {fidelity: {chatz: 10}}", "unknown key 'chatz'"),
-     ("suite: {fidelity: {chats: ten}}", "chats must be"),
+     ("suite: {fidelity: {chats: ten}}", r"suite\.fidelity\.chats: Input should be a valid integer \(got 'ten'\)"),
+     ("suite: {fidelity: {chats: -5}}", "chats: Input should be greater than or equal to 1"),
+     ("suite: {generation: {prompts: 900}}", "prompts: Input should be less than or equal to 500"),
+     ("suite: {fidelity: {batch_size: 0}}", "batch_size: Input should be greater than or equal to 1"),
+     ("suite: {benchmarks: {limit: true}}", "limit"),
+     ("[1, 2]", "the file: Input should be a dictionary"),
      ("suite: {fidelity: {}}\ngates: {g: {arc_easy_local/acc: {drop_max: 1}}}", "unknown key 'arc_easy_local/acc'"),
-     ("suite: {fidelity: {}}\ngates: {g: {kl: {below: 1}}}", "unknown key 'below'"),
+     ("suite: {fidelity: {}}\ngates: {g: {kl: {below: 1}}}", "gates.g.kl.below: Input should be 'max', 'min', 'ratio_max' or 'drop_max'"),
      ("suite: [1, 2", "not valid YAML")],
 )  # fmt: skip
 def test_malformed_gates_files_name_the_problem(tmp_path, text, message):

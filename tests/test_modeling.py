@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import explicit_ladder_logits, ladder_twin, tiny_llama
 
-from convert import LadderLlamaConfig
+from ladder import LadderLlamaConfig
 
 CHAT = [{"role": "user", "content": "Name three primary colors."}]
 

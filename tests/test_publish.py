@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import inspect
 import shutil
 import subprocess
 import sys
@@ -23,10 +24,12 @@ from huggingface_hub import ModelCard, constants
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from convert.converter import MODELING_FILES, PROVENANCE_FILE, convert
-from gates import report
-from publish import cli
-from publish.card import License, detect_license
+from ladder import LadderLlamaConfig
+from ladder.checkpoint import MODELING_FILES, PROVENANCE_FILE
+from ladder.convert.converter import convert
+from ladder.gates import report
+from ladder.publish import cli
+from ladder.publish.card import License, detect_license
 
 APACHE_LICENSE = "Apache License\nVersion 2.0, January 2004\nhttp://www.apache.org/licenses/\n"
 LLAMA_LICENSE = "LLAMA 3.1 COMMUNITY LICENSE AGREEMENT\nLlama 3.1 Version Release Date: July 23, 2024\n"
@@ -124,7 +127,7 @@ def test_export_loads_without_our_package_with_the_same_logits(lineage, tmp_path
     assert "| metric | original | converted | adapted | threshold | pass |" in card.text
     assert "| kl | 0.0000 | 1.6000 | 0.0200 | ≤ 0.05 | yes |" in card.text
     assert "Layers 3-5 (3 of its 6 decoder layers)" in card.text and "1,500" in card.text
-    assert "trust_remote_code=True" in card.text and "import convert" in card.text
+    assert "trust_remote_code=True" in card.text and "import ladder" in card.text
     assert "--force" not in card.text
 
     ids = torch.tensor([[1, 5, 9, 33, 60, 2]])
@@ -133,8 +136,7 @@ def test_export_loads_without_our_package_with_the_same_logits(lineage, tmp_path
     # A fresh process in which our packages cannot be imported: only the shipped remote code can build the model.
     script = textwrap.dedent(f"""
         import sys
-        for name in ("convert", "gates", "adapt", "publish"):
-            sys.modules[name] = None  # makes `import {{name}}` fail
+        sys.modules["ladder"] = None  # makes `import ladder` fail
         import torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(export)!r}, trust_remote_code=True)
@@ -161,7 +163,7 @@ def test_missing_or_failed_gate_refuses_and_force_publishes(healed_copy, tmp_pat
     assert_one_line(err, "after_adapt gate failed on: kl")
     assert not export.exists() and not leftovers(tmp_path)
 
-    for name in MODELING_FILES:  # a checkpoint saved without `import convert`: the package supplies the code
+    for name in MODELING_FILES:  # a checkpoint saved without `import ladder`: the package supplies the code
         (healed_copy / name).unlink()
     code, err = publish(healed_copy, "--export", export, "--force", capsys=capsys)
     assert code == 0, err
@@ -214,6 +216,24 @@ def test_bad_input_is_one_line_errors(healed_copy, tmp_path, how, message, capsy
     assert code == 2
     assert_one_line(err, "ladder-publish: error: ", message)
     assert not export.exists() and not leftovers(tmp_path) and not leftovers(healed_copy.parent)
+
+
+def test_an_export_overlapping_the_model_is_refused_and_nothing_is_deleted(healed_copy, capsys):
+    before = sorted(p.name for p in healed_copy.iterdir())
+    for export in (healed_copy.parent, healed_copy, healed_copy / "dist"):
+        code, err = publish(healed_copy, "--export", export, "--overwrite", "--force", capsys=capsys)
+        assert code == 2
+        assert_one_line(err, "is, contains or lies inside the source")
+    assert sorted(p.name for p in healed_copy.iterdir()) == before
+
+
+def test_model_code_beside_the_weights_is_not_published(healed_copy, tmp_path, capsys):
+    """Only the package's own model code, the code the gates ran, goes out with the weights."""
+    (healed_copy / "modeling_ladder_llama.py").write_text("import os  # a payload\n")
+    code, err = publish(healed_copy, "--export", tmp_path / "out", "--force", capsys=capsys)
+    assert code == 0 and "modeling_ladder_llama.py differs from this ladder's model code" in err
+    ours = Path(inspect.getfile(LadderLlamaConfig)).with_name("modeling_ladder_llama.py")
+    assert (tmp_path / "out" / "modeling_ladder_llama.py").read_text() == ours.read_text()
 
 
 def test_a_plain_llama_is_not_a_ladder_checkpoint(lineage, tmp_path, capsys):

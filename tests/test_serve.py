@@ -12,11 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
-import convert  # noqa: F401  (registers ladder_llama with the Auto classes)
+import ladder  # noqa: F401  (registers the ladder model with the Auto classes)
 from conftest import ladder_twin, save_tiny_checkpoint, tiny_llama
-from convert.converter import convert as convert_checkpoint
-from serve.__main__ import free_port
-from serve.model import greedy_steps, load_config, load_model
+from ladder.convert.converter import convert as convert_checkpoint
+from ladder.serve.__main__ import free_port
+from ladder.serve.model import greedy_steps, load_config, load_model
 
 NEW_TOKENS = 6
 
@@ -74,7 +74,7 @@ def test_tiny_model_at_tp2_matches_hf(ladder_layers, tmp_path):
 
 
 def serve(*args, env=None):
-    command = [sys.executable, "-m", "serve", *map(str, args)]
+    command = [sys.executable, "-m", "ladder.serve", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
@@ -135,5 +135,5 @@ def test_slow_link_runs_in_namespaces_and_removes_them(tiny_ladder_checkpoint):
 def test_bad_input_is_one_line(args, env, message, tiny_ladder_checkpoint):
     done = serve(*[tiny_ladder_checkpoint if arg == "CHECKPOINT" else arg for arg in args], env=env)
     assert done.returncode == 2
-    assert done.stderr.startswith("serve: error: ") and message in done.stderr
+    assert done.stderr.startswith("ladder.serve: error: ") and message in done.stderr
     assert done.stderr.count("\n") == 1, done.stderr

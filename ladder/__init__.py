@@ -1,0 +1,31 @@
+"""ladder: turn a pretrained Llama checkpoint into a Ladder Residual model and heal it back to the original.
+
+`import ladder` registers the model with transformers' Auto classes, so ladder checkpoints load without
+`trust_remote_code`. The stages are subpackages, each in its own top-level folder of the repository:
+`ladder.convert` (the model and `ladder-convert`), `ladder.gates` (`ladder-eval`), `ladder.adapt` (`adapt/sft.py`),
+`ladder.publish` (`ladder-publish`) and `ladder.serve`; `ladder.checkpoint` is the checkpoint I/O they share.
+"""
+
+import os
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .convert.configuration_ladder_llama import LadderLlamaConfig
+from .convert.modeling_ladder_llama import LadderLlamaForCausalLM, LadderLlamaModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register(LadderLlamaConfig.model_type, LadderLlamaConfig, exist_ok=True)
+AutoModelForCausalLM.register(LadderLlamaConfig, LadderLlamaForCausalLM, exist_ok=True)
+# `save_pretrained` then writes `auto_map` and ships the two modeling files with the weights.
+LadderLlamaConfig.register_for_auto_class()
+LadderLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+def cache_root() -> Path:
+    """Where ladder keeps what it builds once (the SmolLM2 checkpoint, cached reference results)."""
+    return Path(os.environ.get("LADDER_CACHE", "~/.cache/ladder")).expanduser()
+
+
+__all__ = ["cache_root", "LadderLlamaConfig", "LadderLlamaForCausalLM", "LadderLlamaModel", "__version__"]

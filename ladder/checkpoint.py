@@ -1,0 +1,274 @@
+"""Checkpoint I/O that every stage shares: where a checkpoint comes from (a directory or the Hub), its safetensors
+shards and their hashes, the ladder `config.json`, `ladder_provenance.json`, and writing an output atomically.
+
+Every problem with a checkpoint is a `CheckpointError`: one line for the user, exit code 2 in every command.
+"""
+
+import fnmatch
+import hashlib
+import inspect
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from . import LadderLlamaConfig, __version__
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+MODELING_FILES = ("configuration_ladder_llama.py", "modeling_ladder_llama.py")  # shipped as remote code
+PROVENANCE_FILE = "ladder_provenance.json"
+# Everything a user needs beside the weights; Meta's `original/` folder and pickled weights stay behind.
+SIDE_FILES = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "*.model",
+    "chat_template.json", "chat_template.jinja", "generation_config.json", "LICENSE*", "USE_POLICY*", "NOTICE*",
+)  # fmt: skip
+HUB_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", *SIDE_FILES)
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+class CheckpointError(ValueError):
+    """A missing, malformed or unreachable checkpoint: reported as one line, exit code 2."""
+
+
+@dataclass
+class Source:
+    directory: Path
+    name: str  # Hub id or absolute path, as recorded in the provenance
+    revision: str | None
+
+
+def resolve_source(source: str, revision: str | None = None) -> Source:
+    """A local checkpoint directory, or a Hub id downloaded (or found in the local Hub cache)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return Source(path.resolve(), str(path.resolve()), None)
+    if path.exists():
+        raise CheckpointError(f"{source} is a file, not a checkpoint directory")
+    if not HUB_ID.fullmatch(source):
+        raise CheckpointError(f"{source}: no such directory")
+    return download_from_hub(source, revision)
+
+
+def download_from_hub(repo_id: str, revision: str | None) -> Source:
+    """Download what the stages need (never pickled weights); huggingface_hub reads HF_TOKEN itself."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        directory = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS)))
+    except GatedRepoError:
+        raise CheckpointError(
+            f"{repo_id} is gated: accept its license on its Hub page, then set HF_TOKEN to a token of that account"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id} is not a local directory nor a Hub repository you can see (private? set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{repo_id} has no revision {revision!r}") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise CheckpointError(
+            f"{repo_id} is not a local directory, and the Hugging Face Hub cannot be reached (offline) "
+            "nor has it in its local cache: download it where the Hub is reachable, or pass a local checkpoint directory"
+        ) from None
+    except HfHubHTTPError as error:
+        raise CheckpointError(f"{repo_id}: the Hub answered {str(error).splitlines()[0]}") from None
+    return Source(directory, repo_id, directory.name if re.fullmatch(r"[0-9a-f]{40}", directory.name) else revision)
+
+
+def read_json_object(path: Path, missing: str) -> dict:
+    """The JSON object in `path`; `missing` says what its absence means."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} has no {path.name}: {missing}")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return content
+
+
+def find_shards(directory: Path) -> list[str]:
+    """The safetensors shard names, from the index when there is one."""
+    index_file = directory / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+            raise CheckpointError(f"{index_file} is not a valid safetensors index") from None
+    elif (directory / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    elif any(fnmatch.fnmatch(f.name, p) for f in directory.iterdir() for p in PICKLE_WEIGHTS):
+        raise CheckpointError(
+            f"{directory} has only pickled weights (.bin/.pt), which ladder refuses to unpickle: "
+            "save the model with safetensors first (model.save_pretrained(dir) does)"
+        )
+    else:
+        raise CheckpointError(f"{directory} has no weights (model.safetensors or model.safetensors.index.json)")
+    escaping = [name for name in shards if Path(name).name != name or name in (".", "..")]
+    if escaping:  # a file name in the directory, nothing else: "../x" would be read from, and written, outside it
+        raise CheckpointError(f"{index_file} names shards outside the checkpoint directory: {escaping[:3]}")
+    missing = [name for name in shards if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory} is missing shards {missing} named in its index")
+    return shards
+
+
+def shard_tensor_names(path: Path) -> set[str]:
+    """The tensors in a shard. safetensors checks the header, and that it covers the file exactly (truncation)."""
+    try:
+        with safe_open(path, framework="pt") as shard:
+            return set(shard.keys())
+    except SafetensorError as error:
+        raise CheckpointError(f"{path.name} is truncated or corrupted, not a valid safetensors file ({error})") from None
+
+
+def check_layer_tensors(directory: Path, shards: list[str], num_layers: int) -> None:
+    """Every shard is sound, and the shards hold exactly the decoder layers config.json declares."""
+    names = set().union(*(shard_tensor_names(directory / shard) for shard in shards))
+    found = {int(m[1]) for name in names if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    if found != set(range(num_layers)):
+        raise CheckpointError(f"the shards hold {len(found)} decoder layers, config.json says num_hidden_layers={num_layers}")
+
+
+def sha256_of(path: Path, progress: tqdm) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 24):
+            digest.update(chunk)  # releases the GIL: shards hash in parallel threads
+            progress.update(len(chunk))
+    return digest.hexdigest()
+
+
+def hash_shards(paths: list[Path]) -> list[str]:
+    total = sum(p.stat().st_size for p in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="sha256 of shards") as progress:
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            return list(pool.map(lambda p: sha256_of(p, progress), paths))
+
+
+def verify_hub_blob(source_path: Path, sha256: str) -> None:
+    """A Hub cache stores each weight file under its sha256: a mismatch means the cached download is corrupted."""
+    blob_name = Path(os.path.realpath(source_path)).name
+    if SHA256_NAME.fullmatch(blob_name) and blob_name != sha256:
+        raise CheckpointError(f"{source_path.name} is corrupted: its sha256 is {sha256}, the Hub says {blob_name}")
+
+
+def link_or_copy(source: Path, target: Path) -> str:
+    real_source = os.path.realpath(source)  # Hub cache snapshots hold symlinks to blobs
+    try:
+        os.link(real_source, target)
+        return "hardlinked"
+    except OSError:  # another filesystem, or one without hardlinks
+        shutil.copyfile(real_source, target)
+        return "copied"
+
+
+def copy_matching(source: Path, target: Path, patterns: tuple[str, ...]) -> None:
+    """The files of `source` whose names match a pattern, into `target` (never over a file already there)."""
+    for path in sorted(source.iterdir()):
+        if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in patterns) and not (target / path.name).exists():
+            shutil.copyfile(path, target / path.name)
+
+
+def write_ladder_config(directory: Path, config: dict, layers: list[int]) -> None:
+    """`config.json` of a ladder checkpoint, with the `auto_map` that loads our model code shipped beside it (which
+    this also writes: the files of the installed package, the code that was tested and gated)."""
+    ladder = {
+        **config,
+        "model_type": LadderLlamaConfig.model_type,
+        "architectures": ["LadderLlamaForCausalLM"],
+        "ladder_layers": layers,
+        "auto_map": {
+            "AutoConfig": "configuration_ladder_llama.LadderLlamaConfig",
+            "AutoModelForCausalLM": "modeling_ladder_llama.LadderLlamaForCausalLM",
+        },
+    }
+    (directory / "config.json").write_text(json.dumps(ladder, indent=2, sort_keys=True) + "\n")
+    model_code = Path(inspect.getfile(LadderLlamaConfig)).parent
+    for name in MODELING_FILES:
+        shutil.copyfile(model_code / name, directory / name)
+
+
+def tool_stamp(tool: str) -> dict:
+    """Which of our commands wrote a provenance entry, in which version, when."""
+    return {"tool": tool, "tool_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def read_provenance(directory: Path) -> dict:
+    """`ladder_provenance.json`: written by ladder-convert (source, revision, ladder layers, shard hashes), extended
+    with an `adaptation` section by adapt/sft.py and a `publication` section by ladder-publish."""
+    provenance = read_json_object(directory / PROVENANCE_FILE, "not written by ladder-convert or adapt/sft.py")
+    if not isinstance(provenance.get("source"), str):
+        raise CheckpointError(f"{directory / PROVENANCE_FILE} names no source (the original model)")
+    return provenance
+
+
+def write_provenance(directory: Path, provenance: dict) -> None:
+    (directory / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def check_apart(output: Path, source: Path, option: str) -> None:
+    """Refuse an output that is, contains or lies inside the source: replacing it would delete the source."""
+    output, source = output.resolve(), source.resolve()
+    if output == source or output in source.parents or source in output.parents:
+        raise CheckpointError(f"{option} {output} is, contains or lies inside the source {source}: choose another directory")
+
+
+@contextmanager
+def staged(output: Path, directory: bool = True) -> Iterator[Path]:
+    """A hidden temporary sibling of `output` (same filesystem: shards hardlink and the rename is atomic) to write
+    into: renamed to `output` when the block ends normally, removed when it raises. An existing `output` goes only
+    once the new one is in place, so a failed or interrupted run leaves the output as it was."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    make = tempfile.mkdtemp if directory else tempfile.mkstemp
+    made = make(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    if not directory:
+        os.close(made[0])
+    staging = Path(made if directory else made[1])
+    staging.chmod((0o777 if directory else 0o666) & ~current_umask())  # mkdtemp/mkstemp make it private
+    try:
+        yield staging
+        replace(staging, output)
+    finally:
+        remove(staging)  # already gone once renamed into place
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def replace(staging: Path, output: Path) -> None:
+    if not output.exists():
+        staging.rename(output)
+        return
+    retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+    output.rename(retired)
+    staging.rename(output)
+    remove(retired)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
