@@ -5,12 +5,15 @@ on the command line: `python adapt/sft.py recipes/smollm2-135m.yaml --learning_r
 
 import argparse
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, TrlParser
 
-from ladder.checkpoint import CheckpointError, read_json_object, read_provenance
+from ladder.adapt.alignment import INPUTS
+from ladder.checkpoint import PROVENANCE_FILE, read_json_object, read_provenance
 
 TEMPLATES = ("none", "alpaca", "sharegpt")
 
@@ -28,6 +31,8 @@ class LadderArguments:
     train_layers: str = field(default="all", metadata={"help": "all, or ladder: freeze everything else"})
     distill_alpha: float = field(default=0.0, metadata={"help": "loss = alpha * KL(teacher||student) + (1-alpha) * CE"})
     distill_temperature: float = field(default=1.0, metadata={"help": "Temperature of the distillation KL"})
+    align_tokens: float = field(default=0, metadata={"help": "Tokens of the budget spent first on layer-wise alignment"})
+    align_inputs: str = field(default="teacher", metadata={"help": "teacher: forced with the original's streams; student"})
     dataset_template: str = field(default="none", metadata={"help": "none (messages or prompt/completion), alpaca or sharegpt"})
     gates_file: str | None = field(default=None, metadata={"help": "Gates YAML (default: the gates package's own)"})
     gate_before: str | None = field(default=None, metadata={"help": "Gate to run on the model before training"})
@@ -54,8 +59,13 @@ def parse_recipe(argv: list[str]) -> Recipe:
     if "--dry_run" in argv:  # a GPU recipe checked on a CPU machine: SFTConfig refuses bf16 there otherwise
         argv = [*argv, "--use_cpu", "true"]
     try:
-        ladder, model, data, training = parser.parse_args_and_config(["--config", *argv])
-    except (argparse.ArgumentError, ValueError, TypeError) as error:
+        with warnings.catch_warnings():
+            # TRL's SFTConfig defaults gradient_checkpointing, which transformers 5.24 renamed: not the user's doing.
+            warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
+            ladder, model, data, training = parser.parse_args_and_config(["--config", *argv])
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {argv[0]} is not valid YAML ({str(error).splitlines()[0]})") from None
+    except (argparse.ArgumentError, ValueError, TypeError, AttributeError) as error:
         raise RecipeError(str(error).splitlines()[0]) from None
     recipe = Recipe(ladder, model, data, training)
     validate(recipe)
@@ -74,6 +84,10 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"distill_temperature must be positive, not {ladder.distill_temperature}")
     if ladder.max_train_tokens <= 0:
         raise RecipeError(f"max_train_tokens must be positive, not {ladder.max_train_tokens}")
+    if not 0 <= ladder.align_tokens <= ladder.max_train_tokens:
+        raise RecipeError(f"align_tokens must be in [0, max_train_tokens], not {ladder.align_tokens}")
+    if ladder.align_inputs not in INPUTS:
+        raise RecipeError(f"align_inputs must be one of {', '.join(INPUTS)}, not {ladder.align_inputs!r}")
     if not recipe.model.model_name_or_path:
         raise RecipeError("model_name_or_path (the converted checkpoint) is missing")
     if not recipe.data.datasets:
@@ -82,8 +96,7 @@ def validate(recipe: Recipe) -> None:
         if str(getattr(ladder, name)).lower() in ("null", "none"):  # `--gate_after null` on the command line
             setattr(ladder, name, None)
     check_gates(ladder)
-    if not ladder.dry_run:
-        check_files(recipe)
+    check_files(recipe)
 
 
 def check_gates(ladder: LadderArguments) -> None:
@@ -100,22 +113,24 @@ def check_gates(ladder: LadderArguments) -> None:
 
 
 def check_files(recipe: Recipe) -> None:
-    model_dir = Path(recipe.model.model_name_or_path)
-    if read_json_object(model_dir / "config.json", "not a checkpoint directory").get("model_type") != "ladder_llama":
-        raise RecipeError(f"{model_dir} is not a ladder checkpoint: convert it with ladder-convert first")
+    """The converted model and the local data exist and are what they should be. A dry run may plan for a model that
+    is not converted yet (a GPU recipe checked on a laptop); a model that exists must be a ladder checkpoint."""
     for dataset in recipe.data.datasets:
         files = dataset.data_files
         for file in [files] if isinstance(files, str) else list(files.values() if isinstance(files, dict) else files or []):
             if not Path(file).is_file():
                 raise RecipeError(f"dataset file {file} does not exist")
-    recipe.ladder.reference = recipe.ladder.reference or reference_from_provenance(model_dir)
-
-
-def reference_from_provenance(model_dir: Path) -> str:
-    try:
-        return read_provenance(model_dir)["source"]
-    except CheckpointError as error:
-        raise RecipeError(f"{error}: set reference in the recipe") from None
+    model_dir = Path(recipe.model.model_name_or_path)
+    if recipe.ladder.dry_run and not model_dir.exists():
+        print(f"note: {model_dir} does not exist yet: the plan assumes it will be converted first")
+        return
+    if read_json_object(model_dir / "config.json", "not a checkpoint directory").get("model_type") != "ladder_llama":
+        raise RecipeError(f"{model_dir} is not a ladder checkpoint: convert it with ladder-convert first")
+    has_provenance = (model_dir / PROVENANCE_FILE).is_file()
+    provenance = read_provenance(model_dir) if has_provenance else {}  # adapt/sft.py extends it at the end
+    if not (recipe.ladder.reference or provenance):
+        raise RecipeError(f"{model_dir} has no {PROVENANCE_FILE} naming its original: set reference in the recipe")
+    recipe.ladder.reference = recipe.ladder.reference or provenance["source"]
 
 
 def fail(error: Exception) -> None:

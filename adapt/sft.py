@@ -20,6 +20,7 @@ from trl import get_peft_config
 
 import ladder.adapt.packed_attention  # noqa: F401  (registers attn_implementation "sdpa_packed")
 import ladder  # noqa: F401  (registers the ladder model with the Auto classes)
+from ladder.adapt.alignment import LayerAligner
 from ladder.adapt.allocator import keep_freed_memory
 from ladder.adapt.data import load_training_data
 from ladder.adapt.plot import plot_curves
@@ -75,10 +76,13 @@ def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
     peft_config = get_peft_config(recipe.model)
     if peft_config is not None and ladder.train_layers == "ladder":
         peft_config.layers_to_transform = ladder_layers
-    teacher = None
-    if ladder.distill_alpha > 0:
+    teacher = aligner = None
+    if ladder.distill_alpha > 0 or ladder.align_tokens > 0:
         original = AutoModelForCausalLM.from_pretrained(ladder.reference, dtype=dtype, attn_implementation=attention)
-        teacher = share_trunk(model, original)
+    if ladder.align_tokens > 0:
+        aligner = LayerAligner(model, original, ladder_layers, ladder.align_inputs)
+    if ladder.distill_alpha > 0:
+        teacher = original if aligner else share_trunk(model, original)  # alignment needs every original layer
         if isinstance(teacher, SharedTrunkTeacher):
             print(f"the teacher reuses the student's frozen layers 0-{teacher.first - 1}: they run once per step")
     return DistillingSFTTrainer(
@@ -91,6 +95,8 @@ def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
         teacher=teacher,
         alpha=ladder.distill_alpha,
         temperature=ladder.distill_temperature,
+        aligner=aligner,
+        align_tokens=int(ladder.align_tokens),
     )
 
 
@@ -112,7 +118,8 @@ def print_plan(recipe: Recipe, tokens_per_sequence: float, processes: int) -> in
         f"({args.per_device_train_batch_size} sequences x {args.gradient_accumulation_steps} accumulation x "
         f"{processes} process(es) x ~{tokens_per_sequence:,.0f} tokens); lr {args.learning_rate}, "
         f"train_layers {recipe.ladder.train_layers}, LoRA {'on' if recipe.model.use_peft else 'off'}, "
-        f"distill_alpha {recipe.ladder.distill_alpha}"
+        f"distill_alpha {recipe.ladder.distill_alpha}, layer-wise alignment for the first "
+        f"{int(recipe.ladder.align_tokens):,} tokens ({recipe.ladder.align_inputs} inputs)"
     )
     return planned
 

@@ -13,15 +13,24 @@ from trl import SFTTrainer
 
 
 class DistillingSFTTrainer(SFTTrainer):
-    """SFT whose loss mixes in KL(teacher || student) at a temperature; alpha = 0 is exactly TRL's SFT."""
+    """SFT whose loss mixes in KL(teacher || student) at a temperature; alpha = 0 is exactly TRL's SFT.
 
-    def __init__(self, *args, teacher=None, alpha: float = 0.0, temperature: float = 1.0, **kwargs):
+    With an `aligner`, the first `align_tokens` of training are layer-wise alignment (adapt/alignment.py) instead.
+    """
+
+    def __init__(self, *args, teacher=None, alpha: float = 0.0, temperature: float = 1.0, aligner=None,
+                 align_tokens: int = 0, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+        self.aligner, self.align_tokens = aligner, align_tokens
         if teacher is not None:
             self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        if aligner is not None:
+            aligner.original.to(self.args.device).eval().requires_grad_(False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.aligner is not None and self.state.num_input_tokens_seen <= self.align_tokens:
+            return self.alignment_loss(model, inputs, return_outputs)
         if self.teacher is None or self.alpha == 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
@@ -47,6 +56,16 @@ class DistillingSFTTrainer(SFTTrainer):
         loss = (self.alpha * kl + (1 - self.alpha) * ce) / count
         if self.model.training:
             self._metrics["train"].setdefault("distill_kl", []).append((kl / scored.sum().clamp(min=1)).item())
+        return (loss, None) if return_outputs else loss
+
+
+    def alignment_loss(self, model, inputs, return_outputs):
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"} | {"use_cache": False}
+        loss, per_layer = self.aligner.loss(model, model_inputs)
+        if self.model.training:
+            self._metrics["train"].setdefault("align_loss", []).append(loss.item())
+        # A mean over this micro-batch: the Trainer leaves the accumulation scaling to losses that count tokens.
+        loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
         return (loss, None) if return_outputs else loss
 
 

@@ -48,7 +48,13 @@ METHODS = {  # every learning rate spelled out: the recipe's own default changed
     "distill-lr3e-4": {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 3e-4},  # the recipe's default
     # Self-distillation: the original's own greedy answers to the Alpaca training prompts replace the data's answers.
     "self-distill": {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 1e-4, "teacher_answers": True},
+    # Layer-wise alignment (adapt/alignment.py) for a share of the budget, then the default's distillation.
+    "align25": {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 3e-4, "align_share": 0.25},
+    "align50": {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 3e-4, "align_share": 0.5},
+    "align50-student": {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 3e-4, "align_share": 0.5,
+                        "align_inputs": "student"},
 }  # fmt: skip
+NOT_RECIPE_KEYS = ("teacher_answers", "align_share")
 TARGET = fidelity_targets(load_gates_file().gates["after_adapt"])  # KL and top-1 of the recovery gate
 
 
@@ -75,7 +81,7 @@ def teacher_answers_recipe(original: Path, output: Path, prompts: int) -> Path:
     (generated once into `output`: about a minute per 25 prompts on 2 cores)."""
     answers = output / f"teacher_answers_{prompts}.json"
     if not answers.is_file():
-        command = [sys.executable, "-m", "adapt.teacher_answers", original, ALPACA_FILE, answers, f"--rows=0:{prompts}"]
+        command = [sys.executable, "-m", "ladder.adapt.teacher_answers", original, ALPACA_FILE, answers, f"--rows=0:{prompts}"]
         subprocess.run(command, cwd=REPO, check=True)
     recipe = yaml.safe_load(RECIPE.read_text())
     recipe["datasets"] = [{"path": "json", "data_files": str(answers), "split": "train"}]
@@ -90,9 +96,11 @@ def train(method: str, converted: Path, output: Path, tokens: float, checkpoints
         print(f"\n== {method}: {output} is a finished run; kept")
         return
     save_steps = max(1, math.ceil(tokens / TOKENS_PER_STEP / checkpoints))
-    overrides = {key: value for key, value in METHODS[method].items() if key != "teacher_answers"} | {
+    settings = METHODS[method]
+    overrides = {key: value for key, value in settings.items() if key not in NOT_RECIPE_KEYS} | {
         "model_name_or_path": converted, "output_dir": output, "max_train_tokens": tokens, "save_steps": save_steps,
         "save_total_limit": None, "gate_after": None, "report_to": "none", "logging_steps": 1,
+        "align_tokens": int(settings.get("align_share", 0) * tokens),
     }  # fmt: skip
     arguments = [f"--{key}={'null' if value is None else value}" for key, value in overrides.items()]
     print(f"\n== {method}: adapt/sft.py {recipe.name} {' '.join(arguments)}", flush=True)

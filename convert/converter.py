@@ -18,6 +18,7 @@ from ladder.checkpoint import (
     Source,
     check_apart,
     check_layer_tensors,
+    check_output,
     copy_matching,
     find_shards,
     hash_shards,
@@ -26,12 +27,16 @@ from ladder.checkpoint import (
     resolve_source,
     staged,
     tool_stamp,
+    unwind_on_termination,
     verify_hub_blob,
     write_ladder_config,
     write_provenance,
 )
 from ladder.gates import GateUsageError, load_gates_file, run_gate
+from ladder.gates.alpaca import TRAIN
 from ladder.gates.config import DEFAULT_GATES_FILE
+
+from .placement import measured_placement
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 LAYERS_HELP = "a count of top layers (16), a range (16-31) or a list (8,9,10 or 0-3,8)"
@@ -82,7 +87,9 @@ def read_llama_config(directory: Path) -> dict:
     return config
 
 
-def write_checkpoint(source: Source, config: dict, layers: list[int], shards: list[str], target: Path) -> None:
+def write_checkpoint(
+    source: Source, config: dict, layers: list[int], shards: list[str], target: Path, placement: dict | None = None
+) -> None:
     how = {link_or_copy(source.directory / name, target / name) for name in shards}
     copy_matching(source.directory, target, ("model.safetensors.index.json", *SIDE_FILES))
     write_ladder_config(target, config, layers)
@@ -96,6 +103,8 @@ def write_checkpoint(source: Source, config: dict, layers: list[int], shards: li
         "num_hidden_layers": config["num_hidden_layers"],
         "shards_sha256": dict(zip(shards, hashes)),
     }
+    if placement:
+        provenance["placement"] = placement
     write_provenance(target, provenance | tool_stamp("ladder-convert"))
     print(f"{len(shards)} shard(s) {' and '.join(sorted(how))}, byte-identical to the source", file=sys.stderr)
 
@@ -107,26 +116,37 @@ def convert(
     overwrite: bool = False,
     revision: str | None = None,
     gates_file: Path | None = None,
+    placement: str = "top",
+    calibration_chats: int = 16,
 ) -> Path:
     """Write the ladder checkpoint; with `gates_file`, also judge it with the `after_convert` gate (report inside).
+    `placement`: with a count of layers, `top` rewires the top ones (the paper's choice), `measured` the ones whose
+    rewiring moves the output least (convert/placement.py).
 
     Returns the output directory, or raises GateFailed (after writing it) when the gate fails.
     """
     output = Path(output).expanduser().absolute()
-    if output.exists() and not overwrite:
-        raise ConvertError(f"{output} already exists: pass --overwrite to replace it")
+    check_output(output, overwrite, "--output")
     if gates_file:
         check_gates_file(gates_file)
     resolved = resolve_source(source, revision)
     check_apart(output, resolved.directory, "--output")
     config = read_llama_config(resolved.directory)
     layers = parse_layers(layers_spec, config["num_hidden_layers"])
+    if placement == "measured" and not layers_spec.strip().isdigit():
+        raise ConvertError(f"--placement measured chooses the layers itself: give --layers a count, not {layers_spec!r}")
+    if placement == "measured" and not 1 <= calibration_chats <= TRAIN.stop:
+        raise ConvertError(f"--calibration-chats must be from 1 to {TRAIN.stop} (Alpaca's training rows), not {calibration_chats}")
     shards = find_shards(resolved.directory)
     check_layer_tensors(resolved.directory, shards, config["num_hidden_layers"])
+    measured = None
+    if placement == "measured":
+        layers, measured = measured_placement(resolved.directory, config, len(layers), calibration_chats)
 
     with staged(output) as staging:
-        write_checkpoint(resolved, config, layers, shards, staging)
-        verdict = run_after_convert_gate(staging, resolved, gates_file, label=str(output)) if gates_file else None
+        write_checkpoint(resolved, config, layers, shards, staging, measured)
+    # The checkpoint is complete: a failed gate, or one that cannot run, leaves it in place with the reason.
+    verdict = run_after_convert_gate(output, resolved, gates_file) if gates_file else None
     if verdict and not verdict.passed:
         raise GateFailed(f"{output} was written, but its after_convert gate failed on: {', '.join(verdict.failing)}")
     return output
@@ -142,11 +162,12 @@ def check_gates_file(gates_file: Path) -> None:
         raise ConvertError(f"{gates_file} defines no after_convert gate (or pass --no-eval)")
 
 
-def run_after_convert_gate(candidate: Path, source: Source, gates_file: Path, label: str):
+def run_after_convert_gate(candidate: Path, source: Source, gates_file: Path):
     try:
-        return run_gate(candidate, "after_convert", str(source.directory), gates_file, label=label)
-    except GateUsageError as error:
-        raise ConvertError(f"after_convert gate: {error}") from None
+        return run_gate(candidate, "after_convert", str(source.directory), gates_file)
+    except Exception as error:  # bad input, or a crash (out of memory, ...): exit code 2, never "gate failed"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConvertError(f"{candidate} was written, but its after_convert gate could not run: {reason}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,10 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
     parser.add_argument("--gates-file", type=Path, default=None, help="suite and thresholds (default: gates' own)")
     parser.add_argument("--no-eval", action="store_true", help="skip the after_convert gate")
+    parser.add_argument("--placement", choices=["top", "measured"], default="top",
+                        help="with a count: the top layers (default), or those measured to hurt least (loads the model)")
+    parser.add_argument("--calibration-chats", type=int, default=16, metavar="N",
+                        help="training chats --placement measured measures on (default 16)")
     args = parser.parse_args(argv)
     gates_file = None if args.no_eval else (args.gates_file or DEFAULT_GATES_FILE)
     try:
-        output = convert(args.source, args.layers, args.output, args.overwrite, args.revision, gates_file)
+        with unwind_on_termination():
+            output = convert(args.source, args.layers, args.output, args.overwrite, args.revision, gates_file,
+                             args.placement, args.calibration_chats)  # fmt: skip
     except GateFailed as failure:
         print(f"ladder-convert: {failure}", file=sys.stderr)
         return 1
@@ -169,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ladder-convert: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ladder-convert: interrupted; nothing was written", file=sys.stderr)
+        print("ladder-convert: interrupted; nothing half-written was left", file=sys.stderr)
         return 130
     print(output)
     return 0

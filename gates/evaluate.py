@@ -6,6 +6,7 @@ device type and the dtype, so gating a second candidate against the same origina
 
 import hashlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,7 +16,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ladder
-from ladder.checkpoint import CheckpointError, find_shards, hash_shards, read_provenance, resolve_source, staged
+from ladder.checkpoint import (
+    CheckpointError,
+    find_shards,
+    hash_shards,
+    read_json_object,
+    read_provenance,
+    resolve_source,
+    staged,
+)
 
 from . import fidelity, generation, harness, report
 from .config import DEFAULT_GATES_FILE, GatesFile, GateUsageError, load_gates_file
@@ -55,19 +64,13 @@ def run_gate(
     if manager:
         harness.check_tasks(gates.suite.benchmarks.tasks, manager)
     candidate = Path(candidate)
-    if not (candidate / "config.json").is_file():
-        raise EvalUsageError(f"candidate {candidate} is not a checkpoint directory (no config.json)")
-    try:
-        reference_name = reference or read_provenance(candidate)["source"]
-    except CheckpointError as error:
-        raise EvalUsageError(f"{error}: pass --reference") from None
-    try:
-        reference_dir = resolve_source(reference_name).directory
-    except CheckpointError as error:
-        raise EvalUsageError(f"reference: {error}") from None
-    tokenizer = _matching_tokenizer(reference_dir, candidate)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
+    try:
+        reference_name, reference_dir = _check_models(candidate, reference)
+    except CheckpointError as error:
+        raise EvalUsageError(str(error)) from None
+    tokenizer = _matching_tokenizer(reference_dir, candidate)
 
     cache_file = _cache_file(reference_dir, gates, device, torch_dtype)
     reference_results = _load_cached(cache_file) if use_cache else None
@@ -118,12 +121,50 @@ def measure(model, tokenizer, gates: GatesFile, manager, reference: dict | None 
     return raw if reference is None else metrics
 
 
+def _check_models(candidate: Path, reference: str | None) -> tuple[str, Path]:
+    """Before anything loads: both are checkpoints with safetensors weights, and the report can be written. Returns
+    the reference's name and directory (the candidate's provenance names it when `reference` does not)."""
+    read_json_object(candidate / "config.json", "the candidate is not a checkpoint directory")
+    find_shards(candidate)
+    try:
+        tempfile.TemporaryFile(dir=candidate).close()  # a read-only directory, or filesystem
+    except OSError:
+        raise CheckpointError(f"candidate {candidate} is read-only: the gate writes its report there") from None
+    try:
+        name = reference or read_provenance(candidate)["source"]
+        reference_dir = resolve_source(name).directory
+    except CheckpointError as error:
+        raise CheckpointError(f"reference: {error}" + ("" if reference else " (or pass --reference)")) from None
+    read_json_object(reference_dir / "config.json", "the reference is not a checkpoint directory")
+    find_shards(reference_dir)
+    return name, reference_dir
+
+
+def _resolve_device(name: str | None) -> torch.device:
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise EvalUsageError(f"--device {name!r} is not a device ({str(error).splitlines()[0]})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalUsageError(f"--device {name}: this torch has no usable CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise EvalUsageError(f"--device {name}: the gates run on cpu or cuda")
+    return device
+
+
+def _load_tokenizer(directory: Path, which: str):
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as error:  # the tokenizers library raises plain Exceptions for a corrupt tokenizer.json
+        raise EvalUsageError(f"the {which}'s tokenizer ({directory}) does not load: {str(error).splitlines()[0]}") from None
+
+
 def _matching_tokenizer(reference_dir: Path, candidate: Path):
-    reference_tokenizer = AutoTokenizer.from_pretrained(reference_dir)
-    candidate_tokenizer = AutoTokenizer.from_pretrained(candidate)
+    reference_tokenizer = _load_tokenizer(reference_dir, "reference")
+    candidate_tokenizer = _load_tokenizer(candidate, "candidate")
     if reference_tokenizer.get_vocab() != candidate_tokenizer.get_vocab():
         raise EvalUsageError("the reference's tokenizer differs from the candidate's: they cannot be compared token by token")
-    vocab_sizes = {json.loads((d / "config.json").read_text()).get("vocab_size") for d in (reference_dir, candidate)}
+    vocab_sizes = {read_json_object(d / "config.json", "").get("vocab_size") for d in (reference_dir, candidate)}
     if len(vocab_sizes) != 1:
         raise EvalUsageError(f"the reference and the candidate have different vocabulary sizes {sorted(vocab_sizes)}")
     if reference_tokenizer.pad_token is None:  # Llama 3 has none; padding is masked out anyway
@@ -157,7 +198,14 @@ def _cache_file(reference_dir: Path, gates: GatesFile, device: torch.device, dty
 
 
 def _load_cached(path: Path) -> dict | None:
-    return torch.load(path, weights_only=True) if path.is_file() else None
+    """The cached reference results; None when there are none, or when the file is unreadable (then recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:  # a truncated or foreign file: torch raises several kinds
+        print(f"the cached reference results {path} are unreadable ({type(error).__name__}): measuring again", flush=True)
+        return None
 
 
 def _save_cached(path: Path, results: dict) -> None:

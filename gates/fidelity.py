@@ -34,12 +34,17 @@ def tokenize_chat(tokenizer, chat: list[dict], max_length: int) -> tuple[list[in
 
 
 def chat_batches(tokenizer, config: FidelityConfig) -> list[ChatBatch]:
-    chats = [tokenize_chat(tokenizer, chat, config.max_length) for chat in heldout_chats(config.chats)]
+    return batch_chats(tokenizer, heldout_chats(config.chats), config.max_length, config.batch_size)
+
+
+def batch_chats(tokenizer, chats: list[list[dict]], max_length: int, batch_size: int) -> list[ChatBatch]:
+    """Right-padded batches of similar lengths, each chat's response tokens marked as scored."""
+    chats = [tokenize_chat(tokenizer, chat, max_length) for chat in chats]
     chats = [c for c in chats if c[1] < len(c[0])]  # a prompt that fills max_length leaves nothing to score
     chats.sort(key=lambda c: len(c[0]))  # similar lengths together: less padding
     batches = []
-    for start in range(0, len(chats), config.batch_size):
-        group = chats[start : start + config.batch_size]
+    for start in range(0, len(chats), batch_size):
+        group = chats[start : start + batch_size]
         width = max(len(ids) for ids, _ in group)
         input_ids = torch.full((len(group), width), tokenizer.pad_token_id)
         attention_mask = torch.zeros((len(group), width), dtype=torch.long)

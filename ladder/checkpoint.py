@@ -5,12 +5,15 @@ Every problem with a checkpoint is a `CheckpointError`: one line for the user, e
 """
 
 import fnmatch
+import glob
 import hashlib
 import inspect
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -232,23 +235,75 @@ def check_apart(output: Path, source: Path, option: str) -> None:
         raise CheckpointError(f"{option} {output} is, contains or lies inside the source {source}: choose another directory")
 
 
+def check_output(output: Path, overwrite: bool, option: str) -> None:
+    """Before any work: may `output` be written? `--overwrite` replaces only an earlier output of ours (a directory
+    with a provenance file, or an empty one), never a file or a folder of the user's."""
+    if not os.path.lexists(output):
+        return
+    if not overwrite:
+        raise CheckpointError(f"{output} already exists: pass --overwrite to replace it")
+    if output.is_symlink() or not output.is_dir():
+        raise CheckpointError(f"{option} {output} is not a directory: refusing to replace it")
+    if any(output.iterdir()) and not (output / PROVENANCE_FILE).is_file():
+        raise CheckpointError(
+            f"{option} {output} holds files ladder did not write (no {PROVENANCE_FILE}): refusing to delete them"
+        )
+
+
 @contextmanager
 def staged(output: Path, directory: bool = True) -> Iterator[Path]:
-    """A hidden temporary sibling of `output` (same filesystem: shards hardlink and the rename is atomic) to write
-    into: renamed to `output` when the block ends normally, removed when it raises. An existing `output` goes only
-    once the new one is in place, so a failed or interrupted run leaves the output as it was."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    make = tempfile.mkdtemp if directory else tempfile.mkstemp
-    made = make(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
-    if not directory:
-        os.close(made[0])
-    staging = Path(made if directory else made[1])
-    staging.chmod((0o777 if directory else 0o666) & ~current_umask())  # mkdtemp/mkstemp make it private
-    try:
+    """A temporary sibling of `output` to write into, renamed to `output` when the block ends normally and removed
+    when it raises. An existing `output` goes only once the new one is in place, so a failed or interrupted run
+    leaves the output as it was."""
+    with scratch(output, directory) as staging:
         yield staging
         replace(staging, output)
+
+
+@contextmanager
+def scratch(beside: Path, directory: bool = True) -> Iterator[Path]:
+    """A hidden temporary directory (or file) beside `beside`, on its filesystem (shards hardlink, renames are atomic),
+    removed at the end unless renamed away. What killed runs of ours left beside it is removed first."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(beside)
+    make = tempfile.mkdtemp if directory else tempfile.mkstemp
+    made = make(prefix=f".{beside.name}.{owner_tag()}.", suffix=".partial", dir=beside.parent)
+    if not directory:
+        os.close(made[0])
+    path = Path(made if directory else made[1])
+    path.chmod((0o777 if directory else 0o666) & ~current_umask())  # mkdtemp/mkstemp make it private
+    try:
+        yield path
     finally:
-        remove(staging)  # already gone once renamed into place
+        remove(path)  # already gone once renamed into place
+
+
+def owner_tag() -> str:
+    """Names this process in the names of its temporary files: host and pid."""
+    return f"{host_name()}-{os.getpid()}"
+
+
+def host_name() -> str:
+    return socket.gethostname().replace(".", "_")  # dots would split the file name
+
+
+def remove_stale_siblings(output: Path) -> None:
+    """The staging and retired siblings of `output` that a run of ours on this host left when it was killed."""
+    ours = re.compile(rf"\.{re.escape(output.name)}\.(?P<host>[^.]+)-(?P<pid>\d+)\.(\w+\.partial|old)")
+    for sibling in output.parent.glob(f".{glob.escape(output.name)}.*"):
+        match = ours.fullmatch(sibling.name)
+        if match and match["host"] == host_name() and not process_alive(int(match["pid"])):
+            remove(sibling)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def current_umask() -> int:
@@ -258,10 +313,10 @@ def current_umask() -> int:
 
 
 def replace(staging: Path, output: Path) -> None:
-    if not output.exists():
+    if not os.path.lexists(output):
         staging.rename(output)
         return
-    retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+    retired = output.with_name(f".{output.name}.{owner_tag()}.old")
     output.rename(retired)
     staging.rename(output)
     remove(retired)
@@ -272,3 +327,19 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+@contextmanager
+def unwind_on_termination() -> Iterator[None]:
+    """SIGTERM (timeout, Slurm, docker stop) and SIGHUP unwind the stack like Ctrl-C, so what `staged` was writing is
+    removed and the command ends with its interrupted message. SIGKILL cannot be caught: the next run cleans up."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

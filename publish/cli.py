@@ -14,7 +14,6 @@ import filecmp
 import inspect
 import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +26,16 @@ from ladder.checkpoint import (
     CheckpointError,
     check_apart,
     check_layer_tensors,
+    check_output,
     copy_matching,
     find_shards,
     link_or_copy,
     read_json_object,
     read_provenance,
+    scratch,
     staged,
     tool_stamp,
+    unwind_on_termination,
     write_ladder_config,
     write_provenance,
 )
@@ -81,8 +83,8 @@ def publish(
     if repo_id:
         check_repo_id(repo_id)
         check_hub(repo_id, overwrite)
-    elif target.exists() and not overwrite:
-        raise PublishError(f"{export} already exists: pass --overwrite to replace it")
+    else:
+        check_output(target, overwrite, "--export")
     if base_model and not HUB_ID.fullmatch(base_model):
         raise PublishError(f"--base-model {base_model!r} is not a Hub model id (owner/name)")
     checkpoint = read_checkpoint(Path(model).expanduser().absolute())
@@ -117,10 +119,9 @@ def publish(
         with staged(target) as folder:
             write_folder(checkpoint, converted, facts, folder)
         return str(target)
-    # Beside the model, so the shards hardlink instead of being copied for the upload.
-    with tempfile.TemporaryDirectory(prefix=f".{checkpoint.directory.name}.", dir=checkpoint.directory.parent) as folder:
-        write_folder(checkpoint, converted, facts, Path(folder))
-        return upload(Path(folder), repo_id, private, overwrite)
+    with scratch(checkpoint.directory) as folder:  # beside the model: the shards hardlink, not copy, for the upload
+        write_folder(checkpoint, converted, facts, folder)
+        return upload(folder, repo_id, private, overwrite)
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -312,10 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--license", help="the base model's Hub license id, when its files do not say it")
     args = parser.parse_args(argv)
     try:
-        published = publish(
-            args.model, args.repo_id, args.export, args.gate, args.force, args.overwrite, args.private,
-            args.base_model, args.license,
-        )  # fmt: skip
+        with unwind_on_termination():
+            published = publish(
+                args.model, args.repo_id, args.export, args.gate, args.force, args.overwrite, args.private,
+                args.base_model, args.license,
+            )  # fmt: skip
     except GateRefused as refusal:
         print(f"ladder-publish: {refusal}", file=sys.stderr)
         return 1

@@ -80,5 +80,10 @@ def save_tiny_checkpoint(directory: Path, model: LlamaForCausalLM | None = None,
     return directory
 
 
+def leftovers(parent: Path) -> list[str]:
+    """What a ladder command may leave beside its output only while it runs: staging and retired directories."""
+    return [p.name for p in parent.iterdir() if p.name.endswith((".partial", ".old"))]
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

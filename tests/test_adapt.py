@@ -125,9 +125,11 @@ def test_lora_is_merged_into_a_plain_checkpoint_with_the_adapters_logits(tiny_pa
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
 
 
-def test_killed_run_resumes_without_counting_tokens_twice(tiny_pair, tmp_path):
+@pytest.mark.parametrize("method", [{"distill_alpha": 0.0}, {"distill_alpha": 0.5, "align_tokens": 3000}],
+                         ids=["sft", "alignment"])  # fmt: skip
+def test_killed_run_resumes_without_counting_tokens_twice(tiny_pair, tmp_path, method):
     _, ladder = tiny_pair
-    recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", max_train_tokens=3000, distill_alpha=0.0)
+    recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", max_train_tokens=3000, **method)
     process = subprocess.Popen([sys.executable, SFT, recipe], cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.time() + 300
@@ -141,9 +143,12 @@ def test_killed_run_resumes_without_counting_tokens_twice(tiny_pair, tmp_path):
     assert "resuming from" in result.stdout
     resumed = read_json(tmp_path / "run" / "final" / "ladder_provenance.json")["adaptation"]["tokens"]
 
-    uninterrupted = write_recipe(tmp_path / "u.yaml", ladder, tmp_path / "straight", max_train_tokens=3000, distill_alpha=0.0)
+    uninterrupted = write_recipe(tmp_path / "u.yaml", ladder, tmp_path / "straight", max_train_tokens=3000, **method)
     assert sft(uninterrupted).returncode == 0
     assert read_json(tmp_path / "straight" / "final" / "ladder_provenance.json")["adaptation"]["tokens"] == resumed
+    logged = read_json(Path(last_complete_checkpoint(str(tmp_path / "run"))) / "trainer_state.json")["log_history"]
+    phases = {"align_loss" in entry for entry in logged if "loss" in entry}
+    assert phases == {"align_tokens" in method}  # the whole budget is alignment, or none of it
 
 
 def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path):

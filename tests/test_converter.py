@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ladder_twin, read_json, save_tiny_checkpoint, tiny_llama
-from transformers import AutoModelForCausalLM
+from conftest import ladder_twin, leftovers, read_json, save_tiny_checkpoint, tiny_llama
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ladder import LadderLlamaForCausalLM
 from ladder.convert import converter
@@ -39,10 +39,6 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1], result.stderr
     for fragment in fragments:
         assert fragment in errors[0]
-
-
-def leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.endswith(".partial") or ".old-" in p.name]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +80,7 @@ def test_converted_smollm2_loads_with_and_without_remote_code(converted_smollm2,
         import sys
         sys.modules["ladder"] = None  # makes `import ladder` fail
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained({str(converted_smollm2)!r}, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         ids = torch.load({str(tmp_path / "ids.pt")!r}, weights_only=True)["ids"]
@@ -118,7 +114,7 @@ def test_remote_code_generates_the_same_with_and_without_the_cache(checkpoint, s
         # The cache-argument rename of transformers 5.24 warns about our code when it mixes the two names.
         warnings.filterwarnings("error", message=".*(past_key_values|cache)", category=FutureWarning)
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained({str(directory)!r}, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         ids = torch.tensor({ids.tolist()})
@@ -228,23 +224,57 @@ def test_missing_path_and_existing_output(tiny_dir, tmp_path):
     (existing / "keep.txt").write_text("mine")
     assert_one_line_error(run_cli(str(tiny_dir), "--layers", "2", "--output", str(existing)), "--overwrite")
     assert (existing / "keep.txt").read_text() == "mine"
-    # --overwrite replaces it with a complete checkpoint.
-    assert run_cli(str(tiny_dir), "--layers", "2", "--output", str(existing), "--overwrite", "--no-eval").returncode == 0
-    assert not (existing / "keep.txt").exists() and read_json(existing / "config.json")["ladder_layers"] == [4, 5]
+    # --overwrite never deletes what ladder did not write: a folder of the user's, or a file.
+    (tmp_path / "file.txt").write_text("mine")
+    for foreign in (existing, tmp_path / "file.txt"):
+        result = run_cli(str(tiny_dir), "--layers", "2", "--output", str(foreign), "--overwrite", "--no-eval")
+        assert_one_line_error(result, "refusing to")
+    assert (existing / "keep.txt").read_text() == (tmp_path / "file.txt").read_text() == "mine"
+    # An earlier checkpoint of ours it replaces with a complete one.
+    (existing / "keep.txt").unlink()
+    for layers, expected in (("2", [4, 5]), ("3", [3, 4, 5])):
+        assert run_cli(str(tiny_dir), "--layers", layers, "--output", str(existing), "--overwrite", "--no-eval").returncode == 0
+        assert read_json(existing / "config.json")["ladder_layers"] == expected
     assert not leftovers(tmp_path)
 
 
-@pytest.mark.parametrize("where", ["its folder", "itself", "inside it"])
-def test_an_output_overlapping_the_source_is_refused_and_nothing_is_deleted(tiny_dir, tmp_path, where):
+@pytest.mark.parametrize(
+    "where, message",
+    [("its folder", "holds files ladder did not write"), ("itself", "holds files ladder did not write"),
+     ("inside it", "lies inside the source"), ("an earlier output holding it", "contains or lies inside the source")],
+)  # fmt: skip
+def test_an_output_overlapping_the_source_is_refused_and_nothing_is_deleted(tiny_dir, tmp_path, where, message):
     models = tmp_path / "models"
     source = models / "src"
     shutil.copytree(tiny_dir, source)
     (models / "notes.txt").write_text("mine")
-    output = {"its folder": models, "itself": source, "inside it": source / "out"}[where]
+    if where == "an earlier output holding it":  # --overwrite would replace it, were the source not inside
+        (models / "ladder_provenance.json").write_text("{}")
+    output = {"inside it": source / "out", "itself": source}.get(where, models)
     result = run_cli(str(source), "--layers", "2", "--output", str(output), "--overwrite", "--no-eval")
-    assert_one_line_error(result, "is, contains or lies inside the source")
+    assert_one_line_error(result, message)
     assert (models / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in tiny_dir.iterdir())
+
+
+def test_measured_placement_picks_the_planted_harmless_layers(smollm2_dir, tmp_path):
+    """Layers 1 and 4 add nothing to the stream (zero output projections): rewiring them cannot change the output, so
+    the search must pick them, and record that they measured zero."""
+    model = tiny_llama(vocab_size=49152, pad_token_id=2, eos_token_id=2)
+    for index in (1, 4):
+        torch.nn.init.zeros_(model.model.layers[index].self_attn.o_proj.weight)
+        torch.nn.init.zeros_(model.model.layers[index].mlp.down_proj.weight)
+    source = save_tiny_checkpoint(tmp_path / "planted", model)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(source)
+    output = tmp_path / "out"
+    args = [str(source), "--layers", "2", "--placement", "measured", "--calibration-chats", "4", "--no-eval"]
+    assert converter.main([*args, "--output", str(output)]) == 0
+    assert read_json(output / "config.json")["ladder_layers"] == [1, 4]
+    placement = read_json(output / "ladder_provenance.json")["placement"]
+    assert placement["kl_after_each_addition"] == [0.0, 0.0] and placement["added_in_order"] == [1, 4]
+    single = {int(layer): kl for layer, kl in placement["single_layer_kl"].items()}
+    assert single[1] == single[4] == 0 and min(kl for layer, kl in single.items() if layer not in (1, 4)) > 0
+    assert converter.main([*args[:2], "3-4", *args[3:], "--output", str(tmp_path / "o2")]) == 2  # a count, not a list
 
 
 def test_hub_id_while_offline_is_a_one_line_error(tmp_path):

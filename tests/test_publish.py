@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import pytest
 import torch
-from conftest import read_json, save_tiny_checkpoint, tiny_llama
+from conftest import leftovers, read_json, save_tiny_checkpoint, tiny_llama
 from huggingface_hub import ModelCard, constants
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -98,10 +98,6 @@ def assert_one_line(err: str, *fragments: str) -> None:
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     for fragment in fragments:
         assert fragment in err
-
-
-def leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.endswith(".partial") or ".old-" in p.name]
 
 
 def test_export_loads_without_our_package_with_the_same_logits(lineage, tmp_path, capsys):
@@ -183,10 +179,15 @@ def test_existing_export_is_refused_without_overwrite(lineage, tmp_path, capsys)
     assert_one_line(err, "already exists", "--overwrite")
     assert [p.name for p in export.iterdir()] == ["keep.txt"]
 
+    # --overwrite never deletes what ladder did not write; an earlier export it replaces.
     code, err = publish(lineage.adapted, "--export", export, "--overwrite", capsys=capsys)
-    assert code == 0, err
-    assert not (export / "keep.txt").exists() and (export / "README.md").is_file()
-    assert not leftovers(tmp_path)
+    assert code == 2
+    assert_one_line(err, "holds files ladder did not write", "refusing to delete them")
+    (export / "keep.txt").unlink()
+    for _ in range(2):
+        code, err = publish(lineage.adapted, "--export", export, "--overwrite", capsys=capsys)
+        assert code == 0, err
+        assert (export / "README.md").is_file() and not leftovers(tmp_path)
 
 
 def break_model(directory: Path, how: str) -> Path:
@@ -220,10 +221,10 @@ def test_bad_input_is_one_line_errors(healed_copy, tmp_path, how, message, capsy
 
 def test_an_export_overlapping_the_model_is_refused_and_nothing_is_deleted(healed_copy, capsys):
     before = sorted(p.name for p in healed_copy.iterdir())
-    for export in (healed_copy.parent, healed_copy, healed_copy / "dist"):
+    for export in (healed_copy.parent, healed_copy, healed_copy / "dist"):  # its folder, itself (ours), inside it
         code, err = publish(healed_copy, "--export", export, "--overwrite", "--force", capsys=capsys)
         assert code == 2
-        assert_one_line(err, "is, contains or lies inside the source")
+        assert_one_line(err, "holds files ladder did not write" if export == healed_copy.parent else "lies inside the source")
     assert sorted(p.name for p in healed_copy.iterdir()) == before
 
 
