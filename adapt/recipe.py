@@ -31,7 +31,9 @@ class LadderArguments:
     train_layers: str = field(default="all", metadata={"help": "all, or ladder: freeze everything else"})
     distill_alpha: float = field(default=0.0, metadata={"help": "loss = alpha * KL(teacher||student) + (1-alpha) * CE"})
     distill_temperature: float = field(default=1.0, metadata={"help": "Temperature of the distillation KL"})
-    align_tokens: float = field(default=0, metadata={"help": "Tokens of the budget spent first on layer-wise alignment"})
+    align_tokens: float = field(
+        default=0, metadata={"help": "Tokens of the budget spent first on layer-wise alignment (below 1: a share of it)"}
+    )
     align_inputs: str = field(default="teacher", metadata={"help": "teacher: forced with the original's streams; student"})
     dataset_template: str = field(default="none", metadata={"help": "none (messages or prompt/completion), alpaca or sharegpt"})
     gates_file: str | None = field(default=None, metadata={"help": "Gates YAML (default: the gates package's own)"})
@@ -86,6 +88,8 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"max_train_tokens must be positive, not {ladder.max_train_tokens}")
     if not 0 <= ladder.align_tokens <= ladder.max_train_tokens:
         raise RecipeError(f"align_tokens must be in [0, max_train_tokens], not {ladder.align_tokens}")
+    if ladder.align_tokens < 1:  # a share of the budget, as transformers reads warmup_steps below 1
+        ladder.align_tokens = ladder.align_tokens * ladder.max_train_tokens
     if ladder.align_inputs not in INPUTS:
         raise RecipeError(f"align_inputs must be one of {', '.join(INPUTS)}, not {ladder.align_inputs!r}")
     if not recipe.model.model_name_or_path:

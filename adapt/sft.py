@@ -25,7 +25,14 @@ from ladder.adapt.allocator import keep_freed_memory
 from ladder.adapt.data import load_training_data
 from ladder.adapt.plot import plot_curves
 from ladder.adapt.recipe import Recipe, RecipeError, fail, parse_recipe
-from ladder.adapt.trainer import DistillingSFTTrainer, SharedTrunkTeacher, TokenBudget, freeze_all_but, share_trunk
+from ladder.adapt.trainer import (
+    DistillingSFTTrainer,
+    SharedTrunkTeacher,
+    TokenBudget,
+    TrainingClock,
+    freeze_all_but,
+    share_trunk,
+)
 from ladder.checkpoint import PROVENANCE_FILE, CheckpointError, read_provenance, staged, tool_stamp, write_provenance
 from ladder.gates import GateUsageError, load_gates_file, run_gate
 from ladder.gates.config import DEFAULT_GATES_FILE, fidelity_targets
@@ -91,7 +98,7 @@ def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         peft_config=peft_config,
-        callbacks=[TokenBudget(int(ladder.max_train_tokens))],
+        callbacks=[TokenBudget(int(ladder.max_train_tokens)), TrainingClock()],
         teacher=teacher,
         alpha=ladder.distill_alpha,
         temperature=ladder.distill_temperature,

@@ -5,9 +5,12 @@ model wants the plain mixture alpha * KL(teacher || student) + (1 - alpha) * CE 
 original (same tokenizer) as teacher, so this is a small SFTTrainer subclass rather than a training loop of our own.
 """
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
@@ -42,22 +45,11 @@ class DistillingSFTTrainer(SFTTrainer):
         scored = targets != -100
         count = num_items_in_batch if num_items_in_batch is not None else scored.sum()
         count = torch.as_tensor(count, device=student_logits.device).clamp(min=1)
-        # Every 49k-wide pass over the logits costs on CPU: one log_softmax each, shared by CE and KL at T = 1, and
-        # no copy of the scored rows (with packing nearly every row is scored; the rest are masked out at the end).
-        student_log_probs = student_logits.float().log_softmax(-1)
-        target_log_probs = student_log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        ce = -(target_log_probs * scored).sum()
-        if self.temperature != 1:
-            student_log_probs = (student_logits.float() / self.temperature).log_softmax(-1)
-            teacher_logits = teacher_logits.float() / self.temperature
-        teacher_log_probs = teacher_logits.float().log_softmax(-1)
-        kl_per_token = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="none").sum(-1)
-        kl = (kl_per_token * scored).sum()
+        ce, kl = distillation_sums(student_logits, teacher_logits, targets, self.temperature)
         loss = (self.alpha * kl + (1 - self.alpha) * ce) / count
         if self.model.training:
             self._metrics["train"].setdefault("distill_kl", []).append((kl / scored.sum().clamp(min=1)).item())
         return (loss, None) if return_outputs else loss
-
 
     def alignment_loss(self, model, inputs, return_outputs):
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"} | {"use_cache": False}
@@ -67,6 +59,40 @@ class DistillingSFTTrainer(SFTTrainer):
         # A mean over this micro-batch: the Trainer leaves the accumulation scaling to losses that count tokens.
         loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
         return (loss, None) if return_outputs else loss
+
+
+# Logit values taken at once in fp32: 512 MB per copy. SmolLM2's 2,048-token step (49k words) is one chunk; at 8B
+# (128k words, 4 x 4096 tokens) whole fp32 copies of the logits would be 8 GB each, so it goes 1,024 rows at a time.
+CHUNK_VALUES = 1 << 27
+
+
+def distillation_sums(student_logits, teacher_logits, targets, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over the scored tokens (targets != -100) of CE on the targets and KL(teacher || student) at `temperature`.
+    Past one chunk of rows, each chunk's fp32 work is recomputed in the backward pass instead of being kept."""
+    vocab = student_logits.shape[-1]
+    student, teacher, targets = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), targets.reshape(-1)
+    rows = max(1, CHUNK_VALUES // vocab)
+    if rows >= len(targets):
+        return chunk_sums(student, teacher, targets, temperature)
+    sums = [checkpoint(chunk_sums, student[start : start + rows], teacher[start : start + rows],
+                       targets[start : start + rows], temperature, use_reentrant=False)
+            for start in range(0, len(targets), rows)]  # fmt: skip
+    return sum(ce for ce, _ in sums), sum(kl for _, kl in sums)
+
+
+def chunk_sums(student_logits, teacher_logits, targets, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scored = targets != -100
+    # Every vocabulary-wide pass costs on CPU: one log_softmax each, shared by CE and KL at T = 1, and no copy of the
+    # scored rows (with packing nearly every row is scored; the rest are masked out at the end).
+    student_log_probs = student_logits.float().log_softmax(-1)
+    target_log_probs = student_log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ce = -(target_log_probs * scored).sum()
+    if temperature != 1:
+        student_log_probs = (student_logits.float() / temperature).log_softmax(-1)
+        teacher_logits = teacher_logits.float() / temperature
+    teacher_log_probs = teacher_logits.float().log_softmax(-1)
+    kl_per_token = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="none").sum(-1)
+    return ce, (kl_per_token * scored).sum()
 
 
 class TokenBudget(TrainerCallback):
@@ -80,6 +106,20 @@ class TokenBudget(TrainerCallback):
         if state.num_input_tokens_seen >= self.budget:
             control.should_training_stop = True
             control.should_save = True
+
+
+class TrainingClock(TrainerCallback):
+    """Logs `train_seconds`, the training time so far (resumed runs included), so methods compare at equal time."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        logged = [entry["train_seconds"] for entry in state.log_history if "train_seconds" in entry]
+        self.before, self.start = max(logged, default=0.0), time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:  # the Trainer has already put a copy of `logs` into the history
+            logs["train_seconds"] = state.log_history[-1]["train_seconds"] = round(
+                self.before + time.perf_counter() - self.start, 1
+            )
 
 
 class SharedTrunkTeacher(nn.Module):

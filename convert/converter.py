@@ -117,7 +117,7 @@ def convert(
     revision: str | None = None,
     gates_file: Path | None = None,
     placement: str = "top",
-    calibration_chats: int = 16,
+    calibration_chats: int = 8,
 ) -> Path:
     """Write the ladder checkpoint; with `gates_file`, also judge it with the `after_convert` gate (report inside).
     `placement`: with a count of layers, `top` rewires the top ones (the paper's choice), `measured` the ones whose
@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-eval", action="store_true", help="skip the after_convert gate")
     parser.add_argument("--placement", choices=["top", "measured"], default="top",
                         help="with a count: the top layers (default), or those measured to hurt least (loads the model)")
-    parser.add_argument("--calibration-chats", type=int, default=16, metavar="N",
-                        help="training chats --placement measured measures on (default 16)")
+    parser.add_argument("--calibration-chats", type=int, default=8, metavar="N",
+                        help="training chats --placement measured measures on (default 8)")
     args = parser.parse_args(argv)
     gates_file = None if args.no_eval else (args.gates_file or DEFAULT_GATES_FILE)
     try:

@@ -18,21 +18,20 @@ from ladder.gates.fidelity import ChatBatch, batch_chats
 
 
 @torch.no_grad()
-def measured_placement(source, config: dict, count: int, chats: int = 16) -> tuple[list[int], dict]:
+def measured_placement(source, config: dict, count: int, chats: int = 8) -> tuple[list[int], dict]:
     """The `count` layers greedy search picks, and what it measured (for the provenance file)."""
     model = load_unwired(source, config)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     calibration = [alpaca_chat(record) for record in alpaca_records(TRAIN)[:chats]]
-    batches = batch_chats(tokenizer, calibration, max_length=256, batch_size=8)
-    reference = [log_probs(model, batch) for batch in batches]
+    batches = [Calibration(model, batch) for batch in batch_chats(tokenizer, calibration, max_length=256, batch_size=8)]
+    scored_tokens = sum(int(batch.scored.sum()) for batch in batches)
 
     def damage(layers: list[int]) -> float:
         for index, layer in enumerate(model.model.layers):
             layer.is_ladder = index in layers
-        kl = [kl_sum(ref, log_probs(model, batch)) for ref, batch in zip(reference, batches)]
-        return sum(kl) / sum(int(batch.scored.sum()) for batch in batches)
+        return sum(batch.kl(model, min(layers)) for batch in batches) / scored_tokens
 
     chosen, greedy_kl, single_layer_kl = [], [], {}
     candidates = range(config["num_hidden_layers"])
@@ -64,11 +63,29 @@ def load_unwired(source, config: dict) -> LadderLlamaForCausalLM:
     return LadderLlamaForCausalLM.from_pretrained(source, config=ladder_config, dtype=torch.float32).eval()
 
 
-def log_probs(model, batch: ChatBatch) -> torch.Tensor:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return logits[batch.scored].float().log_softmax(-1)
+class Calibration:
+    """One batch of calibration chats, with what the original computes on it: the streams entering every layer and
+    the arguments layers are called with (so a rewired model runs only from its lowest ladder layer up: the layers
+    below compute what they always did), and the log-probs of the response tokens."""
 
+    def __init__(self, model: LadderLlamaForCausalLM, batch: ChatBatch):
+        self.scored, self.streams, self.layer_kwargs = batch.scored, [], {}
+        hooks = [layer.register_forward_pre_hook(self.keep_inputs, with_kwargs=True) for layer in model.model.layers]
+        try:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.reference = logits[self.scored].float().log_softmax(-1)
 
-def kl_sum(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    """Sum over the scored tokens of KL(reference || candidate)."""
-    return float((reference.exp() * (reference - candidate)).sum())
+    def keep_inputs(self, layer, args, kwargs):
+        self.streams.append(args)  # (H, A) entering the layer
+        self.layer_kwargs = kwargs  # the same for every layer: mask, rotary embeddings, positions
+
+    def kl(self, model: LadderLlamaForCausalLM, first: int) -> float:
+        """Sum over the scored tokens of KL(original || model), running the model from layer `first` up."""
+        H, A = self.streams[first]
+        for layer in model.model.layers[first:]:
+            H, A = layer(H, A, **self.layer_kwargs)
+        log_probs = model.lm_head(model.model.norm(H))[self.scored].float().log_softmax(-1)
+        return float((self.reference.exp() * (self.reference - log_probs)).sum())

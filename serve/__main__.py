@@ -46,6 +46,8 @@ def parse_args(argv):
     shapes = ", ".join(SHAPES)
     bench.add_argument("--model", required=True, help=f"checkpoint directory, or a shape with random weights: {shapes}")
     bench.add_argument("--layers", type=int, help="depth of a named shape (default: the real model's)")
+    bench.add_argument("--ladder-layers", type=lambda spec: [int(i) for i in spec.split(",")], metavar="I,J,...",
+                       help="the ladder variant's ladder layers (default: the checkpoint's, or every layer of a shape)")  # fmt: skip
     bench.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes")
     bench.add_argument("--prompt-len", type=int, default=1024)
     bench.add_argument("--new-tokens", type=int, default=128)
@@ -98,6 +100,9 @@ def validate(args, tp: int):
         raise ServeError("--profile-dir needs --profile")
     config = load_config(args.model, args.layers)
     check_split(config, tp)
+    outside = [i for i in getattr(args, "ladder_layers", None) or [] if not 0 <= i < config.num_hidden_layers]
+    if outside:
+        raise ServeError(f"--ladder-layers {outside} are outside the model's layers 0-{config.num_hidden_layers - 1}")
     return config
 
 
@@ -169,7 +174,7 @@ def timed_generation(model, ids, new_tokens: int, device) -> torch.Tensor:
 
 
 def bench(args, model, rank: int, device) -> None:
-    ladder_layers = [i for i, block in enumerate(model.blocks) if block.is_ladder]
+    ladder_layers = args.ladder_layers or [i for i, block in enumerate(model.blocks) if block.is_ladder]
     variants = {"standard": ([], True), "ladder": (ladder_layers, True), "no-comm": (ladder_layers, False)}
     if rank == 0:
         delay = f", {args.link_delay_ms} ms" if args.link_delay_ms else ""

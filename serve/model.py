@@ -255,14 +255,16 @@ class TensorParallelLlama(nn.Module):
                 m_work = self.all_reduce(m)  # overlaps the next layer's attention, which reads A only
                 wait(a_work, WAIT_ATTENTION)
                 A = H + a
-            else:  # blocking all-reduces
+            else:  # the attention's all-reduce blocks; the MLP's is waited for where H is first read
                 wait(m_work, WAIT_MLP)
                 H = A + m
                 a = block.attention(H, cos_sin, cache, start)
                 wait(self.all_reduce(a), WAIT_ATTENTION)
                 A = H + a
-                m, m_work = block.mlp(A), DONE
-                wait(self.all_reduce(m), WAIT_MLP)
+                m = block.mlp(A)
+                # A standard layer next waits at once; a ladder layer next runs its attention (it reads A) meanwhile,
+                # so ladder layers scattered among standard ones hide as much as a contiguous block of them.
+                m_work = self.all_reduce(m)
         wait(m_work, WAIT_MLP)
         H = A + m
         with record_function(HEAD):

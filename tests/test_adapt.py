@@ -22,7 +22,14 @@ from ladder.adapt.packed_attention import NAME as PACKED_ATTENTION
 from ladder.adapt.packed_attention import sequence_starts
 from ladder.adapt.sft import last_complete_checkpoint
 from ladder.adapt.teacher_answers import main as teacher_answers_main
-from ladder.adapt.trainer import DistillingSFTTrainer, SharedTrunkTeacher, freeze_all_but, share_trunk
+from ladder.adapt import trainer as trainer_module
+from ladder.adapt.trainer import (
+    DistillingSFTTrainer,
+    SharedTrunkTeacher,
+    distillation_sums,
+    freeze_all_but,
+    share_trunk,
+)
 from ladder.convert.converter import convert
 from ladder.gates.alpaca import alpaca_chat
 
@@ -169,7 +176,7 @@ def test_distillation_loss_mixes_kl_and_cross_entropy(tiny_pair):
     labels[:, :4] = -100
     inputs = {"input_ids": ids, "labels": labels}
     loss = DistillingSFTTrainer.compute_loss
-    fake = type("Fake", (), {"model": student, "_metrics": {"train": {}}})
+    fake = type("Fake", (), {"model": student, "_metrics": {"train": {}}, "aligner": None})
 
     def mixed(alpha, teacher_model):
         trainer = fake()
@@ -184,6 +191,22 @@ def test_distillation_loss_mixes_kl_and_cross_entropy(tiny_pair):
         s, t = student(ids).logits[:, :-1][labels[:, 1:] != -100], teacher(ids).logits[:, :-1][labels[:, 1:] != -100]
     kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean().item()
     assert mixed(1.0, teacher) == pytest.approx(kl, rel=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_distillation_loss_in_chunks_equals_it_whole_with_the_same_gradients(monkeypatch, temperature):
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 9, 50, requires_grad=True), torch.randn(2, 9, 50)
+    targets = torch.randint(0, 50, (2, 9))
+    targets[0, :3] = -100
+    sums, grads = [], []
+    for chunk_values in (1 << 27, 50 * 4):  # everything at once; 4 rows a chunk, recomputed in the backward pass
+        monkeypatch.setattr(trainer_module, "CHUNK_VALUES", chunk_values)
+        ce, kl = distillation_sums(student, teacher, targets, temperature)
+        (grad,) = torch.autograd.grad(0.3 * ce + kl, student)
+        sums.append(torch.stack([ce, kl]).detach())
+        grads.append(grad)
+    assert torch.allclose(sums[0], sums[1], rtol=1e-5) and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_teacher_sharing_the_frozen_trunk_gives_the_full_teachers_logits(tiny_pair):

@@ -20,6 +20,8 @@ from ladder import LadderLlamaForCausalLM
 from ladder.convert import converter
 from ladder.checkpoint import CheckpointError
 from ladder.convert.converter import parse_layers
+from ladder.convert.placement import Calibration
+from ladder.gates.fidelity import ChatBatch
 
 
 def sha256(path: Path) -> str:
@@ -275,6 +277,21 @@ def test_measured_placement_picks_the_planted_harmless_layers(smollm2_dir, tmp_p
     single = {int(layer): kl for layer, kl in placement["single_layer_kl"].items()}
     assert single[1] == single[4] == 0 and min(kl for layer, kl in single.items() if layer not in (1, 4)) > 0
     assert converter.main([*args[:2], "3-4", *args[3:], "--output", str(tmp_path / "o2")]) == 2  # a count, not a list
+
+
+def test_placement_runs_a_rewired_model_from_its_lowest_ladder_layer_with_the_full_models_kl():
+    model = ladder_twin(tiny_llama(), [])
+    ids = torch.randint(3, 96, (2, 17))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    with torch.no_grad():
+        calibration = Calibration(model, ChatBatch(ids, mask, mask.bool()))
+        for layers in ([3, 4, 5], [1, 4], [0, 5]):
+            for index, layer in enumerate(model.model.layers):
+                layer.is_ladder = index in layers
+            log_probs = model(input_ids=ids, attention_mask=mask).logits[mask.bool()].log_softmax(-1)
+            kl = (calibration.reference.exp() * (calibration.reference - log_probs)).sum()
+            assert calibration.kl(model, min(layers)) == pytest.approx(float(kl), rel=1e-6) and kl > 0
 
 
 def test_hub_id_while_offline_is_a_one_line_error(tmp_path):
