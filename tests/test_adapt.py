@@ -285,6 +285,8 @@ def test_teacher_answers_are_the_originals_own_greedy_answers(tiny_pair, tmp_pat
      ({"datasets": [{"path": "json", "data_files": "/nowhere.json"}]}, "dataset file /nowhere.json does not exist"),
      ({"dataset_template": "none"}, "it needs 'messages', or 'prompt' and 'completion'"),
      ({"distill_alpha": 2}, "distill_alpha must be in [0, 1]"),
+     ({"align_tokens": 1e9}, "align_tokens must be in [0, max_train_tokens]"),
+     ({"align_inputs": "both"}, "align_inputs must be one of teacher, student"),
      ({"gate_after": "after_lunch"}, "gate 'after_lunch' is not in the gates file"),
      ({"max_train_tokens": "lots"}, "invalid float value: 'lots'")],
 )  # fmt: skip
