@@ -29,6 +29,7 @@ from . import LadderLlamaConfig, __version__
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 MODELING_FILES = ("configuration_ladder_llama.py", "modeling_ladder_llama.py")  # shipped as remote code
+MODEL_CODE_DIR = Path(inspect.getfile(LadderLlamaConfig)).parent  # where the installed package keeps them
 PROVENANCE_FILE = "ladder_provenance.json"
 # Everything a user needs beside the weights; Meta's `original/` folder and pickled weights stay behind.
 SIDE_FILES = (
@@ -205,9 +206,8 @@ def write_ladder_config(directory: Path, config: dict, layers: list[int]) -> Non
         },
     }
     (directory / "config.json").write_text(json.dumps(ladder, indent=2, sort_keys=True) + "\n")
-    model_code = Path(inspect.getfile(LadderLlamaConfig)).parent
     for name in MODELING_FILES:
-        shutil.copyfile(model_code / name, directory / name)
+        shutil.copyfile(MODEL_CODE_DIR / name, directory / name)
 
 
 def tool_stamp(tool: str) -> dict:

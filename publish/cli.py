@@ -11,7 +11,6 @@ existing target, or a Hub that is offline, unreachable or refusing.
 
 import argparse
 import filecmp
-import inspect
 import shutil
 import sys
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from pathlib import Path
 from ladder import LadderLlamaConfig, __version__
 from ladder.checkpoint import (
     HUB_ID,
+    MODEL_CODE_DIR,
     MODELING_FILES,
     SIDE_FILES,
     CheckpointError,
@@ -246,10 +246,9 @@ def write_folder(checkpoint: Checkpoint, converted: Path | None, facts: CardFact
 
 def warn_if_model_code_differs(directory: Path) -> None:
     """Code beside the weights that is not ours was never gated: it is left out, and the user told so."""
-    ours = Path(inspect.getfile(LadderLlamaConfig)).parent
     for name in MODELING_FILES:
         theirs = directory / name
-        if theirs.is_file() and not filecmp.cmp(theirs, ours / name, shallow=False):
+        if theirs.is_file() and not filecmp.cmp(theirs, MODEL_CODE_DIR / name, shallow=False):
             print(f"ladder-publish: warning: {theirs} differs from this ladder's model code and is not published: "
                   "the export ships the code the gates ran", file=sys.stderr)  # fmt: skip
 

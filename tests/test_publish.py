@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import inspect
 import shutil
 import subprocess
 import sys
@@ -24,8 +23,7 @@ from huggingface_hub import ModelCard, constants
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from ladder import LadderLlamaConfig
-from ladder.checkpoint import MODELING_FILES, PROVENANCE_FILE
+from ladder.checkpoint import MODEL_CODE_DIR, MODELING_FILES, PROVENANCE_FILE
 from ladder.convert.converter import convert
 from ladder.gates import report
 from ladder.publish import cli
@@ -233,7 +231,7 @@ def test_model_code_beside_the_weights_is_not_published(healed_copy, tmp_path, c
     (healed_copy / "modeling_ladder_llama.py").write_text("import os  # a payload\n")
     code, err = publish(healed_copy, "--export", tmp_path / "out", "--force", capsys=capsys)
     assert code == 0 and "modeling_ladder_llama.py differs from this ladder's model code" in err
-    ours = Path(inspect.getfile(LadderLlamaConfig)).with_name("modeling_ladder_llama.py")
+    ours = MODEL_CODE_DIR / "modeling_ladder_llama.py"
     assert (tmp_path / "out" / "modeling_ladder_llama.py").read_text() == ours.read_text()
 
 
