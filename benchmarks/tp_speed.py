@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--profile-dir", help="with --profile: Chrome traces in DIR/loopback, DIR/slow-link")
     args = parser.parse_args()
     bench = [
-        sys.executable, "-m", "serve", "bench", "--tp", "2", "--model", args.model, "--layers", args.layers,
+        sys.executable, "-m", "ladder.serve", "bench", "--tp", "2", "--model", args.model, "--layers", args.layers,
         "--batch", args.batch, "--prompt-len", args.prompt_len, "--new-tokens", args.new_tokens,
         "--repeats", args.repeats,
     ]  # fmt: skip

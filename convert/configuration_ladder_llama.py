@@ -1,8 +1,8 @@
 """Configuration of a Llama model whose upper layers use Ladder Residual wiring.
 
 This file imports only transformers (and packaging, which transformers needs): `save_pretrained` ships it as remote
-code beside the weights. Loading a checkpoint reads it first, so it is where a transformers release the model code
-was not written for is refused.
+code beside the weights. It loads under any transformers 5.x, vLLM's pinned one included (the vLLM plugin needs only
+the configuration); the modeling file refuses releases it was not written for.
 """
 
 import transformers
@@ -14,13 +14,15 @@ from transformers import LlamaConfig
 SUPPORTED_TRANSFORMERS = ("5.23", "6")
 
 
-def check_transformers_version(installed: str = transformers.__version__) -> None:
+def transformers_supported(installed: str = transformers.__version__) -> bool:
     low, high = SUPPORTED_TRANSFORMERS
-    if not Version(low) <= Version(installed) < Version(high):
+    return Version(low) <= Version(installed) < Version(high)
+
+
+def check_transformers_version(installed: str = transformers.__version__) -> None:
+    if not transformers_supported(installed):
+        low, high = SUPPORTED_TRANSFORMERS
         raise ImportError(f"ladder_llama needs transformers>={low},<{high}; this environment has {installed}")
-
-
-check_transformers_version()
 
 
 class LadderLlamaConfig(LlamaConfig):

@@ -12,8 +12,8 @@ A ladder layer's attention never waits for the MLP just before it, and its MLP n
 so under tensor parallelism each module's all-reduce can overlap the next module's compute.
 
 This file imports only torch and transformers: `save_pretrained` ships it as remote code beside the weights, and it
-then runs under whatever transformers release the user has (the configuration file refuses releases it does not
-support).
+then runs under whatever transformers release the user has, so it refuses, in one line, the releases it was not
+written for.
 """
 
 import inspect
@@ -34,7 +34,9 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_ladder_llama import LadderLlamaConfig
+from .configuration_ladder_llama import LadderLlamaConfig, check_transformers_version
+
+check_transformers_version()
 
 # transformers 5.24 renamed the KV cache argument and output field from `past_key_values` to `cache` (the old name is
 # still accepted, with a FutureWarning, until 5.40). Mixing the names drops the cache silently, so this model takes and

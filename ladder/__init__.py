@@ -11,16 +11,19 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .convert.configuration_ladder_llama import LadderLlamaConfig
-from .convert.modeling_ladder_llama import LadderLlamaForCausalLM, LadderLlamaModel
+from .convert.configuration_ladder_llama import LadderLlamaConfig, transformers_supported
 
 __version__ = "0.1.0"
 
 AutoConfig.register(LadderLlamaConfig.model_type, LadderLlamaConfig, exist_ok=True)
-AutoModelForCausalLM.register(LadderLlamaConfig, LadderLlamaForCausalLM, exist_ok=True)
-# `save_pretrained` then writes `auto_map` and ships the two modeling files with the weights.
 LadderLlamaConfig.register_for_auto_class()
-LadderLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# The serving environment pins vLLM's older transformers: there only the configuration is needed (ladder.serve.vllm).
+if transformers_supported():
+    from .convert.modeling_ladder_llama import LadderLlamaForCausalLM, LadderLlamaModel
+
+    AutoModelForCausalLM.register(LadderLlamaConfig, LadderLlamaForCausalLM, exist_ok=True)
+    # `save_pretrained` then writes `auto_map` and ships the two modeling files with the weights.
+    LadderLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 def cache_root() -> Path:

@@ -1,4 +1,8 @@
-"""`python -m ladder.serve generate|bench`: tensor-parallel greedy generation, and its speed with and without ladder wiring.
+"""`python -m ladder.serve bench`: a transparent tensor-parallel runner's speed with and without ladder wiring.
+
+To serve a model, use vLLM (serve/vllm_model.py, README "Serving with vLLM"). This runner stays as the reference it
+is measured against: every all-reduce and every wait is in plain sight in serve/model.py, and `--profile` splits each
+rank's decode step into compute, head and the time spent waiting for each all-reduce.
 
 Under `torchrun --nproc-per-node N` each process is one rank. Run without torchrun, `--tp N` starts the N ranks
 itself (on this machine's loopback, or with `bench --slow-link` in two network namespaces joined by a throttled link).
@@ -37,11 +41,6 @@ PROG = "ladder.serve"
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser("generate", help="greedy answer to one chat prompt")
-    generate.add_argument("model", metavar="checkpoint", help="converted (or plain Llama) checkpoint directory")
-    generate.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
-    generate.add_argument("--new-tokens", type=int, default=48)
-    generate.set_defaults(layers=None, slow_link=False)
     bench = commands.add_parser("bench", help="prefill latency and decode speed: standard, ladder, no communication")
     shapes = ", ".join(SHAPES)
     bench.add_argument("--model", required=True, help=f"checkpoint directory, or a shape with random weights: {shapes}")
@@ -62,10 +61,9 @@ def parse_args(argv):
         help="then profile STEPS (default 3) decode steps per variant on CPU and print where each rank's time goes",
     )  # fmt: skip
     bench.add_argument("--profile-dir", help="with --profile, also write each rank's Chrome trace (Perfetto) there")
-    for command in (generate, bench):
-        command.add_argument("--tp", type=int, help="tensor-parallel size (default: torchrun's world size, else 1)")
-        command.add_argument("--no-comm", action="store_true", help="skip all-reduces: the speed bound, wrong output")
-        command.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bf16 on CUDA, fp32 on CPU")
+    bench.add_argument("--tp", type=int, help="tensor-parallel size (default: torchrun's world size, else 1)")
+    bench.add_argument("--no-comm", action="store_true", help="skip all-reduces: the speed bound, wrong output")
+    bench.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bf16 on CUDA, fp32 on CPU")
     return parser.parse_args(argv)
 
 
@@ -92,11 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def validate(args, tp: int):
     """Everything that can be wrong with the input, found before any rank connects to another."""
-    if args.command == "generate" and args.model in SHAPES:
-        raise ServeError(f"generate needs a checkpoint; {args.model!r} is a shape for bench")
     if args.slow_link and tp != 2:
         raise ServeError(f"--slow-link joins exactly 2 ranks; got tensor-parallel size {tp}")
-    if args.command == "bench" and args.profile_dir and not args.profile:
+    if args.profile_dir and not args.profile:
         raise ServeError("--profile-dir needs --profile")
     config = load_config(args.model, args.layers)
     check_split(config, tp)
@@ -121,7 +117,7 @@ def run_rank(args, rank: int) -> None:
         print(f"{PROG}: no ladder layers: every layer is standard", file=sys.stderr)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        if args.command == "bench" and args.profile:
+        if args.profile:
             raise ServeError("--profile times the host, where CUDA only queues kernels: profile on CPU")
         torch.cuda.set_device(device)
     else:  # share the cores between the ranks on this machine; more threads than cores would fight
@@ -131,22 +127,7 @@ def run_rank(args, rank: int) -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model = load_model(args.model, config, rank, world, dtype, device)
     model.rewire(ladder_layers, communicate=not args.no_comm)
-    (generate if args.command == "generate" else bench)(args, model, rank, device)
-
-
-def generate(args, model, rank: int, device) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    chat = [{"role": "user", "content": args.prompt}]
-    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    answer = []
-    for token, _ in greedy_steps(model, ids["input_ids"].to(device), args.new_tokens):
-        if token.item() == tokenizer.eos_token_id:
-            break
-        answer.append(token.item())
-    if rank == 0:
-        print(tokenizer.decode(answer, skip_special_tokens=True).strip())
+    bench(args, model, rank, device)
 
 
 def synchronize(device) -> None:

@@ -125,10 +125,9 @@ def test_slow_link_runs_in_namespaces_and_removes_them(tiny_ladder_checkpoint):
 @pytest.mark.parametrize(
     "args, env, message",
     [
-        (["generate", "/no/such/checkpoint", "--tp", 2], {}, "not a checkpoint directory"),
-        (["generate", "CHECKPOINT", "--tp", 3], {}, "tensor-parallel size 3 does not divide the 4 query heads"),
+        (["bench", "--model", "/no/such/checkpoint", "--tp", 2], {}, "not a checkpoint directory"),
+        (["bench", "--model", "CHECKPOINT", "--tp", 3], {}, "tensor-parallel size 3 does not divide the 4 query heads"),
         (["bench", "--model", "CHECKPOINT", "--tp", 4], {"RANK": "0", "WORLD_SIZE": "2"}, "world size mismatch"),
-        (["generate", "llama-3.1-8b"], {}, "generate needs a checkpoint"),
         (["bench", "--model", "CHECKPOINT", "--profile-dir", "traces"], {}, "--profile-dir needs --profile"),
     ],
 )

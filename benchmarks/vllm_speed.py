@@ -1,0 +1,130 @@
+"""vLLM speed of the same model with the standard wiring, the ladder wiring, and the ladder wiring with no
+communication (the bound), at tensor-parallel size 2: time to first token and decode tokens/s per batch size, and
+the ratios, in one run. Random weights (vLLM's `load_format="dummy"`) with Llama-3.1-8B's layer shapes, as
+`python -m ladder.serve bench` uses, so the two can be compared on the same machine.
+
+    .venv-vllm/bin/python benchmarks/vllm_speed.py                  # loopback, CPU-sized defaults (2 cores)
+    .venv-vllm/bin/python benchmarks/vllm_speed.py --slow-link      # over a link throttled to 6 Mbit/s each way
+    python benchmarks/vllm_speed.py --tp 8 --layers 32 --ladder-layers $(seq -s, 16 31) --batch 1,8,32 --prompt-len 1024 \\
+        --new-tokens 128 --dtype bfloat16                           # on 8 GPUs, with the plain `vllm` package
+
+Every variant's all-reduces go through torch.distributed (LADDER_VLLM_ALL_REDUCE=torch, serve/vllm_model.py): on
+CPU vLLM would otherwise use shared memory for the standard layers, which no network link slows. `--slow-link` (root,
+iproute2) runs everything in a new network namespace whose loopback is throttled with `tc tbf`: both directions of
+the ranks' gloo traffic share it, so it gets twice `--link-rate`, like `serve bench --slow-link`'s veth pair.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ladder.serve.model import SHAPES
+
+VARIANTS = {"standard": "torch", "ladder": "torch", "no-comm": "none"}  # name -> LADDER_VLLM_ALL_REDUCE
+
+
+def write_config(directory: Path, shape: str, layers: int, ladder_layers: list[int]) -> Path:
+    directory.mkdir(parents=True)
+    config = SHAPES[shape] | {"num_hidden_layers": layers, "ladder_layers": ladder_layers, "model_type": "ladder_llama",
+                              "architectures": ["LadderLlamaForCausalLM"], "max_position_embeddings": 4096,
+                              "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False}  # fmt: skip
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def measure(model: Path, args, batches: list[int]) -> dict[int, dict]:
+    """Median TTFT (a 1-token generation) and decode tokens/s ((new tokens - 1) x batch over the extra time)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=args.tp,
+              dtype=args.dtype, enforce_eager=True, max_model_len=args.prompt_len + args.new_tokens + 8,
+              max_num_seqs=max(batches), seed=0)  # fmt: skip
+
+    def seconds(batch: int, new_tokens: int) -> float:
+        prompts = [TokensPrompt(prompt_token_ids=[(7 * i + j) % 1000 + 10 for j in range(args.prompt_len)]) for i in range(batch)]
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    results = {}
+    for batch in batches:
+        seconds(batch, 2)  # warm-up
+        first = [seconds(batch, 1) for _ in range(args.repeats)]
+        whole = [seconds(batch, args.new_tokens) for _ in range(args.repeats)]
+        decode = max(statistics.median(whole) - statistics.median(first), 1e-9)
+        results[batch] = {"ttft_ms": 1000 * statistics.median(first),
+                          "decode_tok_s": (args.new_tokens - 1) * batch / decode}  # fmt: skip
+    del llm
+    return results
+
+
+def throttle_loopback(rate: str) -> None:
+    for command in (["ip", "link", "set", "lo", "up"],
+                    ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", "4kb", "latency", "1s"]):  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"vllm_speed.py: error: `{' '.join(command)}` failed: {done.stderr.strip()}")
+
+
+def doubled(rate: str) -> str:
+    digits = rate.rstrip("abcdefghijklmnopqrstuvwxyz")
+    return f"{2 * float(digits):g}{rate[len(digits):]}"
+
+
+def print_table(results: dict[str, dict[int, dict]], link: str, args) -> None:
+    print(f"\n{link}: TP={args.tp}, {args.layers} layers ({args.ladder_layers} ladder), {args.dtype}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, median of {args.repeats}")  # fmt: skip
+    print("| batch | decode tok/s: standard / ladder / no-comm | ladder / standard | ladder / no-comm | TTFT ms: standard / ladder / no-comm |")
+    print("| ---: | --- | ---: | ---: | --- |")
+    for batch in results["standard"]:
+        row = {name: results[name][batch] for name in VARIANTS}
+        tok = " / ".join(f"{row[n]['decode_tok_s']:.2f}" for n in VARIANTS)
+        ttft = " / ".join(f"{row[n]['ttft_ms']:.0f}" for n in VARIANTS)
+        speedup = row["ladder"]["decode_tok_s"] / row["standard"]["decode_tok_s"]
+        bound = row["ladder"]["decode_tok_s"] / row["no-comm"]["decode_tok_s"]
+        print(f"| {batch} | {tok} | {speedup:.2f}x | {bound:.2f}x | {ttft} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=list(SHAPES))
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--ladder-layers", default="4,5,6,7", help="the ladder variant's ladder layers (default: the top half of 8)")
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--batch", default="1,4")
+    parser.add_argument("--prompt-len", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--slow-link", action="store_true", help="throttle the ranks' link (root, iproute2)")
+    parser.add_argument("--link-rate", default="6mbit", help="with --slow-link: bandwidth each way (tc units)")
+    parser.add_argument("--inside-namespace", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.slow_link and not args.inside_namespace:  # again, alone in a new network namespace
+        sys.exit(subprocess.run(["unshare", "--net", sys.executable, *sys.argv, "--inside-namespace"]).returncode)
+    if args.inside_namespace:
+        throttle_loopback(doubled(args.link_rate))
+    batches = [int(b) for b in args.batch.split(",")]
+    ladder_layers = [int(index) for index in args.ladder_layers.split(",")]
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(rank % os.cpu_count()) for rank in range(args.tp)))
+    results = {}
+    with tempfile.TemporaryDirectory() as work:
+        for name, all_reduce in VARIANTS.items():
+            model = write_config(Path(work) / name, args.shape, args.layers, [] if name == "standard" else ladder_layers)
+            os.environ["LADDER_VLLM_ALL_REDUCE"] = all_reduce  # the engine's processes inherit it
+            print(f"== {name}", flush=True)
+            results[name] = measure(model, args, batches)
+    print_table(results, f"slow link {args.link_rate} each way" if args.slow_link else "loopback", args)
+
+
+if __name__ == "__main__":
+    main()

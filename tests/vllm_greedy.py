@@ -1,0 +1,32 @@
+"""Greedy generation on vLLM, run by the serving environment's Python for tests/test_vllm.py.
+
+    python tests/vllm_greedy.py JOB_JSON
+
+JOB_JSON: {"models": [dir, ...], "tensor_parallel_size": N, "prompts": [[token id, ...], ...], "max_tokens": N}.
+Each model loads in turn into one process (vLLM's start-up is most of the time). Prints, per model, one line
+`RESULT {"model": dir, "tokens": [[...], ...], "logprobs": [[...], ...]}`: the generated ids and their log-probabilities.
+"""
+
+import json
+import sys
+
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
+    greedy = SamplingParams(temperature=0, max_tokens=job["max_tokens"], logprobs=0)
+    for model in job["models"]:
+        llm = LLM(model=model, tensor_parallel_size=job["tensor_parallel_size"], dtype="float32", enforce_eager=True,
+                  max_model_len=1024, seed=0)  # fmt: skip
+        outputs = [request.outputs[0] for request in llm.generate(prompts, greedy, use_tqdm=False)]
+        logprobs = [[step[token].logprob for token, step in zip(o.token_ids, o.logprobs)] for o in outputs]
+        print("RESULT " + json.dumps({"model": model, "tokens": [list(o.token_ids) for o in outputs], "logprobs": logprobs}),
+              flush=True)  # fmt: skip
+        del llm  # stops its engine before the next model's starts
+
+
+if __name__ == "__main__":
+    main()
