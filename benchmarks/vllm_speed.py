@@ -5,13 +5,15 @@ the ratios, in one run. Random weights (vLLM's `load_format="dummy"`) with Llama
 
     .venv-vllm/bin/python benchmarks/vllm_speed.py                  # loopback, CPU-sized defaults (2 cores)
     .venv-vllm/bin/python benchmarks/vllm_speed.py --slow-link      # over a link throttled to 6 Mbit/s each way
-    python benchmarks/vllm_speed.py --tp 8 --layers 32 --ladder-layers $(seq -s, 16 31) --batch 1,8,32 --prompt-len 1024 \\
-        --new-tokens 128 --dtype bfloat16                           # on 8 GPUs, with the plain `vllm` package
+    python benchmarks/vllm_speed.py --tp 8 --layers 32 --ladder-layers $(seq -s, 16 31) --batch 1,8,32 \\
+        --prompt-len 1024 --new-tokens 128 --dtype bfloat16         # on 8 GPUs, with the plain `vllm` package
 
 Every variant's all-reduces go through torch.distributed (LADDER_VLLM_ALL_REDUCE=torch, serve/vllm_model.py): on
 CPU vLLM would otherwise use shared memory for the standard layers, which no network link slows. `--slow-link` (root,
-iproute2) runs everything in a new network namespace whose loopback is throttled with `tc tbf`: both directions of
-the ranks' gloo traffic share it, so it gets twice `--link-rate`, like `serve bench --slow-link`'s veth pair.
+iproute2) runs everything in a new network namespace whose loopback is throttled with `tc tbf` while a variant is
+timed (not while vLLM starts: its start-up runs all-reduces thousands of tokens wide, which would take minutes on the
+link); both directions of the ranks' gloo traffic share it, so it gets twice `--link-rate`, like the veth pair of
+`serve bench --slow-link`.
 """
 
 import argparse
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from ladder.serve.model import SHAPES
@@ -38,7 +41,7 @@ def write_config(directory: Path, shape: str, layers: int, ladder_layers: list[i
     return directory
 
 
-def measure(model: Path, args, batches: list[int]) -> dict[int, dict]:
+def measure(model: Path, args, batches: list[int], link) -> dict[int, dict]:
     """Median TTFT (a 1-token generation) and decode tokens/s ((new tokens - 1) x batch over the extra time)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -48,30 +51,39 @@ def measure(model: Path, args, batches: list[int]) -> dict[int, dict]:
               max_num_seqs=max(batches), seed=0)  # fmt: skip
 
     def seconds(batch: int, new_tokens: int) -> float:
-        prompts = [TokensPrompt(prompt_token_ids=[(7 * i + j) % 1000 + 10 for j in range(args.prompt_len)]) for i in range(batch)]
+        ids = [[(7 * i + j) % 1000 + 10 for j in range(args.prompt_len)] for i in range(batch)]  # distinct prompts
+        prompts = [TokensPrompt(prompt_token_ids=prompt) for prompt in ids]
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
         start = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         return time.perf_counter() - start
 
     results = {}
-    for batch in batches:
-        seconds(batch, 2)  # warm-up
-        first = [seconds(batch, 1) for _ in range(args.repeats)]
-        whole = [seconds(batch, args.new_tokens) for _ in range(args.repeats)]
-        decode = max(statistics.median(whole) - statistics.median(first), 1e-9)
-        results[batch] = {"ttft_ms": 1000 * statistics.median(first),
-                          "decode_tok_s": (args.new_tokens - 1) * batch / decode}  # fmt: skip
+    with link:
+        for batch in batches:
+            seconds(batch, 2)  # warm-up
+            first = [seconds(batch, 1) for _ in range(args.repeats)]
+            whole = [seconds(batch, args.new_tokens) for _ in range(args.repeats)]
+            decode = max(statistics.median(whole) - statistics.median(first), 1e-9)
+            results[batch] = {"ttft_ms": 1000 * statistics.median(first),
+                              "decode_tok_s": (args.new_tokens - 1) * batch / decode}  # fmt: skip
     del llm
     return results
 
 
-def throttle_loopback(rate: str) -> None:
-    for command in (["ip", "link", "set", "lo", "up"],
-                    ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", "4kb", "latency", "1s"]):  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"vllm_speed.py: error: `{' '.join(command)}` failed: {done.stderr.strip()}")
+def run_tool(*command: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"vllm_speed.py: error: `{' '.join(command)}` failed: {done.stderr.strip()}")
+
+
+@contextmanager
+def throttled_loopback(rate: str):
+    run_tool("tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", "4kb", "latency", "1s")
+    try:
+        yield
+    finally:
+        run_tool("tc", "qdisc", "del", "dev", "lo", "root")
 
 
 def doubled(rate: str) -> str:
@@ -80,9 +92,10 @@ def doubled(rate: str) -> str:
 
 
 def print_table(results: dict[str, dict[int, dict]], link: str, args) -> None:
-    print(f"\n{link}: TP={args.tp}, {args.layers} layers ({args.ladder_layers} ladder), {args.dtype}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, median of {args.repeats}")  # fmt: skip
-    print("| batch | decode tok/s: standard / ladder / no-comm | ladder / standard | ladder / no-comm | TTFT ms: standard / ladder / no-comm |")
+    print(f"\n{link}: TP={args.tp}, {args.layers} layers ({args.ladder_layers} ladder), {args.dtype}, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}")
+    print("| batch | decode tok/s: standard / ladder / no-comm | ladder / standard | ladder / no-comm "
+          "| TTFT ms: standard / ladder / no-comm |")
     print("| ---: | --- | ---: | ---: | --- |")
     for batch in results["standard"]:
         row = {name: results[name][batch] for name in VARIANTS}
@@ -97,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama-3.1-8b", choices=list(SHAPES))
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--ladder-layers", default="4,5,6,7", help="the ladder variant's ladder layers (default: the top half of 8)")
+    parser.add_argument("--ladder-layers", default="4,5,6,7", help="the ladder variant's ladder layers (default: top 4)")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--batch", default="1,4")
     parser.add_argument("--prompt-len", type=int, default=8)
@@ -111,7 +124,7 @@ def main() -> None:
     if args.slow_link and not args.inside_namespace:  # again, alone in a new network namespace
         sys.exit(subprocess.run(["unshare", "--net", sys.executable, *sys.argv, "--inside-namespace"]).returncode)
     if args.inside_namespace:
-        throttle_loopback(doubled(args.link_rate))
+        run_tool("ip", "link", "set", "lo", "up", "mtu", "1500")  # tbf drops whatever exceeds its burst: lo's 64k packets
     batches = [int(b) for b in args.batch.split(",")]
     ladder_layers = [int(index) for index in args.ladder_layers.split(",")]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -119,10 +132,12 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as work:
         for name, all_reduce in VARIANTS.items():
-            model = write_config(Path(work) / name, args.shape, args.layers, [] if name == "standard" else ladder_layers)
+            layers = [] if name == "standard" else ladder_layers
+            model = write_config(Path(work) / name, args.shape, args.layers, layers)
             os.environ["LADDER_VLLM_ALL_REDUCE"] = all_reduce  # the engine's processes inherit it
             print(f"== {name}", flush=True)
-            results[name] = measure(model, args, batches)
+            link = throttled_loopback(doubled(args.link_rate)) if args.inside_namespace else nullcontext()
+            results[name] = measure(model, args, batches, link)
     print_table(results, f"slow link {args.link_rate} each way" if args.slow_link else "loopback", args)
 
 

