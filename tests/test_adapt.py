@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import read_json, tiny_llama
+from conftest import REPO, SFT, read_json, tiny_gates, wait_for_a_checkpoint, write_recipe
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,44 +32,9 @@ from ladder.adapt.trainer import (
 from ladder.convert.converter import convert
 from ladder.gates.alpaca import alpaca_chat
 
-REPO = Path(__file__).resolve().parents[1]
-SFT = REPO / "adapt" / "sft.py"
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(smollm2_dir, tmp_path_factory):
-    """A tiny Llama with SmolLM2's tokenizer (the reference), and its conversion with 3 of 6 ladder layers."""
-    work = tmp_path_factory.mktemp("adapt")
-    original = work / "tiny-original"
-    tiny_llama(vocab_size=49152, pad_token_id=2, eos_token_id=2).save_pretrained(original)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(original)
-    return original, convert(str(original), "3", work / "tiny-ladder3")
-
-
-def write_recipe(path: Path, model: Path, output: Path, **overrides) -> Path:
-    recipe = {
-        "model_name_or_path": str(model), "dtype": "float32",
-        "max_train_tokens": 1500, "train_layers": "ladder", "distill_alpha": 0.5, "use_peft": False,
-        "datasets": [{"path": "json", "data_files": str(REPO / "gates/data/alpaca_5000.json"), "split": "train[:200]"}],
-        "dataset_template": "alpaca", "gate_before": None, "gate_after": None,
-        "output_dir": str(output), "max_length": 96, "packing": True, "per_device_train_batch_size": 2,
-        "learning_rate": 1e-3, "use_cpu": True, "bf16": False, "logging_steps": 1, "save_steps": 2,
-        "report_to": [], "seed": 0,
-    } | overrides  # fmt: skip
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
 
 def sft(*args, **popen) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SFT, *map(str, args)], capture_output=True, text=True, cwd=REPO, **popen)
-
-
-def tiny_gates(path: Path) -> Path:
-    suite = {"fidelity": {"chats": 8, "max_length": 128, "top_k": 16, "batch_size": 8},
-             "generation": {"prompts": 2, "max_new_tokens": 8, "batch_size": 2}}  # fmt: skip
-    gates = {"sane": {"response_perplexity": {"ratio_max": 1000.0}}, "perfect": {"kl": {"max": 0.0}}}
-    path.write_text(yaml.safe_dump({"suite": suite, "gates": gates}))
-    return path
 
 
 def test_training_heals_only_the_ladder_layers_within_the_token_budget(tiny_pair, tmp_path):
@@ -139,9 +103,7 @@ def test_killed_run_resumes_without_counting_tokens_twice(tiny_pair, tmp_path, m
     recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", max_train_tokens=3000, **method)
     process = subprocess.Popen([sys.executable, SFT, recipe], cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    deadline = time.time() + 300
-    while not list((tmp_path / "run").glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
-        time.sleep(0.5)
+    wait_for_a_checkpoint(tmp_path / "run")
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "run" / "final").exists(), "killed too late to test resuming"
