@@ -96,6 +96,10 @@ def parameter_counts(recipe: Recipe, config) -> dict[str, int]:
     }
 
 
+def count(parameters: int) -> str:
+    return f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.1f}M"
+
+
 def dtype_bytes(dtype) -> int:
     return torch.empty(0, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype).element_size()
 
@@ -137,15 +141,16 @@ def state_rows(run: Shapes, launch: Launch) -> list[tuple[str, float, str]]:
         weights = (total - trainable) * loaded + trainable * master
         gradients, optimizer = trainable * master, trainable * ADAM_STATES * master
         kind = "fp32" if master == 4 else run.dtype
-        notes = (f"in {run.dtype}, the trainable ones in {kind}", f"in {kind}", f"2 AdamW states in {kind}")
+        upcast = ", the trainable ones upcast to fp32" if master != loaded else ""
+        notes = (f"in {run.dtype}{upcast}", f"in {kind}", f"2 AdamW states in {kind}")
     teacher_share = shard if launch.zero else 1  # ZeRO-3 runs the teacher partitioned too; elsewhere it is whole
     teacher_bytes = compute if launch.zero else loaded
     return [
-        ("weights", weights / shard, f"{total / 1e9:.2f}B parameters {notes[0]}, {share}"),
-        ("gradients", gradients / shard, f"{trainable / 1e9:.3f}B trainable parameters {notes[1]}, {share}"),
+        ("weights", weights / shard, f"{count(total)} parameters {notes[0]}, {share}"),
+        ("gradients", gradients / shard, f"{count(trainable)} trainable parameters {notes[1]}, {share}"),
         ("optimizer", optimizer / shard, f"{notes[2]}, {share}"),
         ("teacher", teacher * teacher_bytes / teacher_share,
-         f"{teacher / 1e9:.2f}B parameters in {run.compute if launch.zero else run.dtype}, " + (f"a 1/{shard} shard" if teacher_share > 1 else "whole")),
+         f"{count(teacher)} parameters in {run.compute if launch.zero else run.dtype}, " + (f"a 1/{shard} shard" if teacher_share > 1 else "whole")),
     ]  # fmt: skip
 
 
@@ -155,8 +160,9 @@ def compute_rows(run: Shapes, launch: Launch) -> list[tuple[str, float, str]]:
     hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or hidden // config.num_attention_heads)
     # Sharded, a unit is gathered whole to compute: the root (embeddings and head) and two layers (prefetch).
-    layer_size = (run.counts["total"] - 2 * vocab * hidden) / layers
-    gathered = (2 * vocab * hidden + 2 * layer_size) * compute if launch.sharded else 0
+    embeddings = vocab * hidden * (1 if config.tie_word_embeddings else 2)
+    layer_size = (run.counts["total"] - embeddings) / layers
+    gathered = (embeddings + 2 * layer_size) * compute if launch.sharded else 0
     # What autograd keeps per token in a layer: 2 norm inputs and outputs, q, k, v, the attention output, gate, up,
     # SiLU(gate) and the product; with checkpointing only the layer's two input streams, plus one layer recomputed.
     full_layer = 6 * hidden + 2 * kv + 4 * config.intermediate_size

@@ -265,10 +265,17 @@ def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_p
     assert "Loading weights" not in captured.err and not (tmp_path / "run").exists()
 
 
-def test_8b_recipe_dry_run_prints_the_plan():
-    result = sft(REPO / "recipes/8b.yaml", "--dry_run", "true", "--dry_run_processes", "8")
-    assert result.returncode == 0, result.stderr[-2000:]
+@pytest.mark.parametrize("launch, total, verdict", [("fsdp", "62.65", "80 GB: fits"), ("zero3", "48.60", "80 GB: fits"),
+                                                    ("ddp", "107.86", "80 GB: does NOT fit (needs 108 GB)")])  # fmt: skip
+def test_8b_recipe_dry_run_prints_the_plan_and_the_memory_per_gpu(launch, total, verdict):
+    result = sft(REPO / "recipes/8b.yaml", "--dry_run", "true", "--dry_run_processes", "8",
+                 "--dry_run_launch", REPO / f"recipes/accelerate/{launch}.yaml")  # fmt: skip
     assert "plan: 300,000,000 tokens = 287 steps" in result.stdout and "distill_alpha 0.9" in result.stdout
+    [total_line] = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["total"]]
+    assert total_line[1] == total and " ".join(total_line[4:]) == verdict
+    fits = "NOT" not in verdict
+    assert result.returncode == (0 if fits else 2), result.stderr[-2000:]
+    assert fits or result.stderr == "adapt/sft.py: error: the run does not fit 80 GB per device (plan above)\n"
 
 
 def test_default_recipe_never_trains_on_the_gates_heldout_rows():

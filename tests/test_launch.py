@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForCausalLM
 
 from ladder.adapt.sft import last_complete_checkpoint
+from ladder.convert.converter import convert
 
 LORA = {"lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj", "down_proj"]}
 LADDER_LAYERS = [3, 4, 5]  # tiny_pair's
@@ -62,8 +63,8 @@ def sharded_checkpoint_files(checkpoint: Path) -> list[str]:
     return sorted(file.name for file in files)
 
 
-def adapter_of(checkpoint: Path) -> dict:
-    """The LoRA weights of a checkpoint, in this one process."""
+def checkpoint_weights(checkpoint: Path) -> dict:
+    """The trained weights of a checkpoint (LoRA's alone with LoRA), assembled in this one process."""
     shards = checkpoint / "pytorch_model_fsdp_0"
     if shards.is_dir():
         dcp_to_torch_save(shards, checkpoint / "consolidated.pt")
@@ -75,10 +76,15 @@ def assert_final_is_the_last_checkpoint(converted: Path, run: Path) -> None:
     final = run / "final"
     assert [file.name for file in final.glob("*.safetensors")] == ["model.safetensors"]
     assert not any("lora" in name for name in load_file(final / "model.safetensors"))
-    lora = LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], target_modules=LORA["lora_target_modules"],
-                      layers_to_transform=LADDER_LAYERS)  # fmt: skip
-    expected = get_peft_model(AutoModelForCausalLM.from_pretrained(converted), lora)
-    set_peft_model_state_dict(expected, adapter_of(Path(last_complete_checkpoint(str(run)))))
+    weights = checkpoint_weights(Path(last_complete_checkpoint(str(run))))
+    expected = AutoModelForCausalLM.from_pretrained(converted)
+    if any("lora_" in name for name in weights):
+        lora = LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], target_modules=LORA["lora_target_modules"],
+                          layers_to_transform=LADDER_LAYERS)  # fmt: skip
+        expected = get_peft_model(expected, lora)
+        set_peft_model_state_dict(expected, weights)
+    else:
+        expected.load_state_dict(weights)
     ids = torch.randint(3, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = AutoModelForCausalLM.from_pretrained(converted)(ids).logits
@@ -117,3 +123,21 @@ def test_two_cpu_processes_shard_resume_after_a_killed_rank_and_save_a_plain_mod
     assert "resuming from" in resumed.stdout
     assert read_json(tmp_path / "killed" / "final" / "ladder_provenance.json")["adaptation"]["tokens"] == tokens
     assert_final_is_the_last_checkpoint(converted, tmp_path / "killed")
+
+
+@pytest.mark.slow
+def test_the_smollm2_recipe_under_fsdp(smollm2_dir, tmp_path):
+    """The shipped recipe (distillation into every layer, sdpa_packed, tied embeddings) on real weights, shortened."""
+    converted = convert(str(smollm2_dir), "15", tmp_path / "smollm2-ladder15")
+    gates = tiny_gates(tmp_path / "gates.yaml")
+    command = launch_command(REPO / "recipes/accelerate/fsdp.yaml", REPO / "recipes/smollm2-135m.yaml")
+    overrides = {"model_name_or_path": converted, "output_dir": tmp_path / "run", "max_train_tokens": 600,
+                 "max_length": 128, "per_device_train_batch_size": 2, "save_steps": 1000, "gates_file": gates,
+                 "gate_after": "sane", "report_to": "none"}  # fmt: skip
+    result = subprocess.run(command + [str(item) for key, value in overrides.items() for item in (f"--{key}", value)],
+                            capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 process(es)" in result.stdout and result.stdout.count("measuring the candidate") == 1
+    assert read_json(tmp_path / "run" / "final" / "ladder_provenance.json")["adaptation"]["tokens"] >= 600
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").config.tie_word_embeddings
+    assert_final_is_the_last_checkpoint(converted, tmp_path / "run")
