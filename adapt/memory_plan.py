@@ -140,7 +140,7 @@ def state_rows(run: Shapes, launch: Launch) -> list[tuple[str, float, str]]:
         master = 4 if launch.name == "FSDP" and run.mixed_precision else loaded
         weights = (total - trainable) * loaded + trainable * master
         gradients, optimizer = trainable * master, trainable * ADAM_STATES * master
-        kind = "fp32" if master == 4 else run.dtype
+        kind = run.dtype if master == loaded else "fp32"
         upcast = ", the trainable ones upcast to fp32" if master != loaded else ""
         notes = (f"in {run.dtype}{upcast}", f"in {kind}", f"2 AdamW states in {kind}")
     teacher_share = shard if launch.zero else 1  # ZeRO-3 runs the teacher partitioned too; elsewhere it is whole

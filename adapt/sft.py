@@ -15,9 +15,9 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-from peft import get_peft_model
 
 import ladder.adapt.packed_attention  # noqa: F401  (registers attn_implementation "sdpa_packed")
 import ladder  # noqa: F401  (registers the ladder model with the Auto classes)

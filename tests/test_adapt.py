@@ -250,7 +250,11 @@ def test_teacher_answers_are_the_originals_own_greedy_answers(tiny_pair, tmp_pat
      ({"align_tokens": 1e9}, "align_tokens must be in [0, max_train_tokens]"),
      ({"align_inputs": "both"}, "align_inputs must be one of teacher, student"),
      ({"gate_after": "after_lunch"}, "gate 'after_lunch' is not in the gates file"),
-     ({"max_train_tokens": "lots"}, "invalid float value: 'lots'")],
+     ({"max_train_tokens": "lots"}, "invalid float value: 'lots'"),
+     ({"dry_run_processes": 0}, "dry_run_processes and dry_run_device_gb must be positive"),
+     ({"dry_run": True, "dry_run_launch": "/nowhere.yaml"}, "launch config /nowhere.yaml cannot be read"),
+     ({"dry_run": True, "dry_run_launch": str(REPO / "recipes/smollm2-135m.yaml")}, "distributed_type None is not"),
+     ({"dry_run": True, "dry_run_device_gb": 0.5}, "the run does not fit 0.5 GB per device (plan above)")],
 )  # fmt: skip
 def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_path, override, message, capsys):
     from ladder.adapt import sft as sft_script

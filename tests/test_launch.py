@@ -96,7 +96,7 @@ def assert_final_is_the_last_checkpoint(converted: Path, run: Path) -> None:
 def test_two_cpu_processes_shard_resume_after_a_killed_rank_and_save_a_plain_model(tiny_pair, tmp_path, launch_config):
     _, converted = tiny_pair
     gates = tiny_gates(tmp_path / "gates.yaml")
-    method = dict(max_train_tokens=3000, train_layers="ladder", distill_alpha=0.5, align_tokens=600, use_peft=True,
+    method = dict(max_train_tokens=2000, train_layers="ladder", distill_alpha=0.5, align_tokens=600, use_peft=True,
                   activation_checkpointing=True, gates_file=str(gates), gate_after="sane", **LORA)  # fmt: skip
 
     straight = launch(launch_config, write_recipe(tmp_path / "straight.yaml", converted, tmp_path / "straight", **method))
