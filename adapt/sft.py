@@ -81,6 +81,11 @@ def main(argv: list[str]) -> int:
 def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
     ladder, args = recipe.ladder, recipe.training
     args.include_num_input_tokens_seen = "non_padding"  # the token budget counts these
+    if args.activation_checkpointing and args.ddp_find_unused_parameters is None:
+        # transformers stops DDP searching for unused parameters under checkpointing (which the search breaks) only
+        # for a plain model: with LoRA (a PeftModel) it searches, and a distillation run with alignment failed at its
+        # first backward ("Expected to mark a variable ready only once").
+        args.ddp_find_unused_parameters = False
     model_dir = recipe.model.model_name_or_path
     dtype = recipe.model.dtype or "auto"
     attention = recipe.model.attn_implementation

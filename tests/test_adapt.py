@@ -291,9 +291,11 @@ def test_default_recipe_never_trains_on_the_gates_heldout_rows():
     assert any("gsm8k" in d["data_files"] for d in recipe["datasets"])
 
 
-def test_two_process_ddp_on_cpu(tiny_pair, tmp_path):
+def test_two_process_ddp_on_cpu_with_lora_and_activation_checkpointing(tiny_pair, tmp_path):
     _, ladder = tiny_pair
-    recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", max_train_tokens=800, distill_alpha=0.0)
+    recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", max_train_tokens=800, distill_alpha=0.5,
+                          align_tokens=300, use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"],
+                          activation_checkpointing=True)  # fmt: skip
     # accelerate's MULTI_CPU mode wants MPI on one machine; torchrun starts the same DDP processes (gloo on CPU).
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", SFT, recipe]
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=REPO)
