@@ -7,6 +7,7 @@ training applies them. Activations and logits are estimates of what autograd kee
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,9 @@ class Launch:
 
 def read_launch(path: str | None, processes: int) -> Launch:
     """The sharding an accelerate launch config asks for; every config this plan cannot describe is a RecipeError."""
+    replicated = Launch("DDP" if processes > 1 else "one process", processes, sharded=False)
     if path is None:
-        return Launch("DDP" if processes > 1 else "one process", processes, sharded=False)
+        return replicated
     try:
         config = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
@@ -55,7 +57,7 @@ def read_launch(path: str | None, processes: int) -> Launch:
             raise RecipeError(f"launch config {path}: the plan covers ZeRO stage 3 without offload only")
         return Launch("ZeRO-3", processes, sharded=True, zero=True)
     if kind in ("MULTI_GPU", "MULTI_CPU", "NO"):
-        return Launch("DDP" if processes > 1 else "one process", processes, sharded=False)
+        return replicated
     raise RecipeError(f"launch config {path}: distributed_type {kind!r} is not FSDP, DEEPSPEED or MULTI_GPU")
 
 
@@ -81,7 +83,9 @@ def parameter_counts(recipe: Recipe, config) -> dict[str, int]:
         freeze_all_but(model, config.ladder_layers)
     peft_config = lora_config(recipe, config.ladder_layers)
     if peft_config is not None:
-        model = get_peft_model(model, peft_config)
+        with warnings.catch_warnings():  # peft 0.21 asks under transformers 5.24's old name: not the user's doing
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing", category=FutureWarning)
+            model = get_peft_model(model, peft_config)
     trained = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
     # SharedTrunkTeacher: with the trunk frozen (and no alignment, which needs every layer) the teacher keeps only the
     # layers from the first ladder layer up.
@@ -97,7 +101,10 @@ def parameter_counts(recipe: Recipe, config) -> dict[str, int]:
 
 
 def count(parameters: int) -> str:
-    return f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.1f}M"
+    for scale, unit, digits in ((1e9, "B", 2), (1e6, "M", 1), (1e3, "K", 1)):
+        if parameters >= scale:
+            return f"{parameters / scale:.{digits}f}{unit}"
+    return str(parameters)
 
 
 def dtype_bytes(dtype) -> int:
