@@ -154,7 +154,11 @@ def whole_model(trainer, recipe: Recipe):
     """The trained model, whole and with LoRA merged, on the first process; None on the others. Every process must
     call it: under FSDP or ZeRO-3 gathering the weights is a collective."""
     weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # the DeepSpeed engine under ZeRO-3
-    if not trainer.is_world_process_zero():
+    first = trainer.is_world_process_zero()
+    # That was the last collective: every process leaves the group now. Left to the interpreter's exit, a finished
+    # rank's gloo threads once aborted it (SIGABRT) while the first process was still writing, failing the launch.
+    trainer.accelerator.end_training()
+    if not first:
         return None
     # From here this process runs alone: models it loads (the whole copy, the gate's) must not be partitioned across
     # processes that have finished, as transformers does under ZeRO-3.
