@@ -41,6 +41,13 @@ class LadderArguments:
     gate_after: str | None = field(default="after_adapt", metadata={"help": "Gate that decides the exit code"})
     dry_run: bool = field(default=False, metadata={"help": "Validate the recipe and print the plan, then stop"})
     dry_run_processes: int = field(default=1, metadata={"help": "Training processes the dry-run plan assumes"})
+    dry_run_launch: str | None = field(
+        default=None, metadata={"help": "The accelerate launch config the memory plan assumes (default: DDP)"}
+    )
+    dry_run_device_gb: float = field(default=80.0, metadata={"help": "Memory of each device the memory plan assumes"})
+    dry_run_config: str | None = field(
+        default=None, metadata={"help": "config.json the memory plan reads while the model is not converted yet"}
+    )
 
 
 @dataclass
@@ -90,6 +97,8 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"align_tokens must be in [0, max_train_tokens], not {ladder.align_tokens}")
     if ladder.align_tokens < 1:  # a share of the budget, as transformers reads warmup_steps below 1
         ladder.align_tokens = ladder.align_tokens * ladder.max_train_tokens
+    if ladder.dry_run_processes < 1 or ladder.dry_run_device_gb <= 0:
+        raise RecipeError("dry_run_processes and dry_run_device_gb must be positive")
     if ladder.align_inputs not in INPUTS:
         raise RecipeError(f"align_inputs must be one of {', '.join(INPUTS)}, not {ladder.align_inputs!r}")
     if not recipe.model.model_name_or_path:

@@ -15,14 +15,17 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import get_peft_config
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import ladder.adapt.packed_attention  # noqa: F401  (registers attn_implementation "sdpa_packed")
 import ladder  # noqa: F401  (registers the ladder model with the Auto classes)
 from ladder.adapt.alignment import LayerAligner
 from ladder.adapt.allocator import keep_freed_memory
 from ladder.adapt.data import load_training_data
+from ladder.adapt.launch import shard_cpu_processes
+from ladder.adapt.memory_plan import print_memory_plan
 from ladder.adapt.plot import plot_curves
 from ladder.adapt.recipe import Recipe, RecipeError, fail, parse_recipe
 from ladder.adapt.trainer import (
@@ -31,6 +34,7 @@ from ladder.adapt.trainer import (
     TokenBudget,
     TrainingClock,
     freeze_all_but,
+    lora_config,
     share_trunk,
 )
 from ladder.checkpoint import PROVENANCE_FILE, CheckpointError, read_provenance, staged, tool_stamp, write_provenance
@@ -46,12 +50,15 @@ def main(argv: list[str]) -> int:
         if recipe.ladder.dry_run:
             # Without the data at hand, a sequence is counted at max_length (exact with packing).
             print_plan(recipe, recipe.training.max_length, recipe.ladder.dry_run_processes)
+            if not print_memory_plan(recipe):
+                raise RecipeError(f"the run does not fit {recipe.ladder.dry_run_device_gb:g} GB per device (plan above)")
             return 0
         dataset = load_training_data(recipe.data, recipe.ladder.dataset_template)
         before = gate(recipe, recipe.model.model_name_or_path, recipe.ladder.gate_before)
     except (RecipeError, GateUsageError, CheckpointError) as error:
         fail(error)
 
+    shard_cpu_processes()
     trainer = build_trainer(recipe, dataset)
     tokens_per_sequence = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) / len(trainer.train_dataset)
     trainer.args.max_steps = print_plan(recipe, tokens_per_sequence, trainer.args.world_size)
@@ -59,10 +66,11 @@ def main(argv: list[str]) -> int:
     if last_checkpoint:
         print(f"resuming from {last_checkpoint}")
     trainer.train(resume_from_checkpoint=last_checkpoint)
-    if not trainer.is_world_process_zero():
+    model = whole_model(trainer, recipe)
+    if model is None:  # not the first process: it writes the model and runs the gate once
         return 0
 
-    final = save_final(trainer, recipe, time.perf_counter() - start)
+    final = save_final(model, trainer, recipe, time.perf_counter() - start)
     after = gate(recipe, final, recipe.ladder.gate_after)
     targets = fidelity_targets(load_gates_file(gates_file(recipe)).gates.get(recipe.ladder.gate_after, {}))
     plot_curves(trainer.state.log_history, before, after, targets, final / "training_curves.png")
@@ -73,6 +81,11 @@ def main(argv: list[str]) -> int:
 def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
     ladder, args = recipe.ladder, recipe.training
     args.include_num_input_tokens_seen = "non_padding"  # the token budget counts these
+    if args.activation_checkpointing and args.ddp_find_unused_parameters is None:
+        # transformers stops DDP searching for unused parameters under checkpointing (which the search breaks) only
+        # for a plain model: with LoRA (a PeftModel) it searches, and a distillation run with alignment failed at its
+        # first backward ("Expected to mark a variable ready only once").
+        args.ddp_find_unused_parameters = False
     model_dir = recipe.model.model_name_or_path
     dtype = recipe.model.dtype or "auto"
     attention = recipe.model.attn_implementation
@@ -80,9 +93,7 @@ def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
     ladder_layers = model.config.ladder_layers
     if ladder.train_layers == "ladder":
         print(f"training only the ladder layers: {freeze_all_but(model, ladder_layers):,} parameters")
-    peft_config = get_peft_config(recipe.model)
-    if peft_config is not None and ladder.train_layers == "ladder":
-        peft_config.layers_to_transform = ladder_layers
+    peft_config = lora_config(recipe, ladder_layers)
     teacher = aligner = None
     if ladder.distill_alpha > 0 or ladder.align_tokens > 0:
         original = AutoModelForCausalLM.from_pretrained(ladder.reference, dtype=dtype, attn_implementation=attention)
@@ -139,12 +150,33 @@ def gate(recipe: Recipe, candidate, name: str | None):
     return run_gate(candidate, name, recipe.ladder.reference, gates_file(recipe)) if name else None
 
 
-def save_final(trainer, recipe: Recipe, seconds: float) -> Path:
-    """The healed model as a plain checkpoint (LoRA merged), written aside and renamed into place."""
+def whole_model(trainer, recipe: Recipe):
+    """The trained model, whole and with LoRA merged, on the first process; None on the others. Every process must
+    call it: under FSDP or ZeRO-3 gathering the weights is a collective."""
+    weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # the DeepSpeed engine under ZeRO-3
+    first = trainer.is_world_process_zero()
+    # That was the last collective: every process leaves the group now. Left to the interpreter's exit, a finished
+    # rank's gloo threads once aborted it (SIGABRT) while the first process was still writing, failing the launch.
+    trainer.accelerator.end_training()
+    if not first:
+        return None
+    # From here this process runs alone: models it loads (the whole copy, the gate's) must not be partitioned across
+    # processes that have finished, as transformers does under ZeRO-3.
+    unset_hf_deepspeed_config()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # Its parameters are this process's shards: the gathered weights go into a whole copy instead.
+        whole = AutoModelForCausalLM.from_pretrained(recipe.model.model_name_or_path, dtype=model.dtype)
+        if hasattr(model, "peft_config"):
+            whole = get_peft_model(whole, model.peft_config["default"])
+        whole.load_state_dict(weights)
+        model = whole
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def save_final(model, trainer, recipe: Recipe, seconds: float) -> Path:
+    """The healed model as a plain checkpoint, written aside and renamed into place."""
     final = Path(recipe.training.output_dir) / "final"
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
     source_dir = Path(recipe.model.model_name_or_path)
     adaptation = {
         "converted_model": str(source_dir.absolute()),

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
-from trl import SFTTrainer
+from trl import SFTTrainer, get_peft_config
+from trl.models import prepare_deepspeed
 
 
 class DistillingSFTTrainer(SFTTrainer):
@@ -26,10 +27,25 @@ class DistillingSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
         self.aligner, self.align_tokens = aligner, align_tokens
-        if teacher is not None:
-            self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        placed = {}  # the teacher can be the aligner's original: one model, placed once
+
+        def place(model):
+            if id(model) not in placed:
+                placed[id(model)] = self.place_frozen(model)
+            return placed[id(model)]
+
         if aligner is not None:
-            aligner.original.to(self.args.device).eval().requires_grad_(False)
+            aligner.original = place(aligner.original)
+        if isinstance(teacher, SharedTrunkTeacher):
+            teacher.teacher = place(teacher.teacher)
+        elif teacher is not None:
+            self.teacher = place(teacher)
+
+    def place_frozen(self, model):
+        """A frozen model (teacher, original) ready to run beside the student: a whole copy on every device, except
+        under ZeRO-3, where transformers loaded it partitioned (zero.Init) and only a DeepSpeed engine runs it."""
+        model.eval().requires_grad_(False)
+        return prepare_deepspeed(model, self.accelerator) if self.is_deepspeed_enabled else model.to(self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.aligner is not None and self.state.num_input_tokens_seen <= self.align_tokens:
@@ -165,3 +181,11 @@ def freeze_all_but(model, layer_indices: list[int]) -> int:
     for index in layer_indices:
         model.model.layers[index].requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_config(recipe, ladder_layers: list[int]):
+    """The recipe's LoRA config (None without `use_peft`); with `train_layers: ladder` on the ladder layers only."""
+    peft_config = get_peft_config(recipe.model)
+    if peft_config is not None and recipe.ladder.train_layers == "ladder":
+        peft_config.layers_to_transform = ladder_layers
+    return peft_config

@@ -2,14 +2,20 @@
 implementation of the ladder wiring written straight from the pseudo-code, to check the model against."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ladder import LadderLlamaConfig, LadderLlamaForCausalLM
+from ladder.convert.converter import convert
 from ladder.convert.smollm2 import fetch_smollm2
+
+REPO = Path(__file__).resolve().parents[1]
+SFT = REPO / "adapt" / "sft.py"
 
 TINY = dict(
     vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=6, num_attention_heads=4,
@@ -87,3 +93,42 @@ def leftovers(parent: Path) -> list[str]:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(smollm2_dir, tmp_path_factory):
+    """A tiny Llama with SmolLM2's tokenizer (the reference), and its conversion with 3 of 6 ladder layers."""
+    work = tmp_path_factory.mktemp("adapt")
+    original = work / "tiny-original"
+    tiny_llama(vocab_size=49152, pad_token_id=2, eos_token_id=2).save_pretrained(original)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(original)
+    return original, convert(str(original), "3", work / "tiny-ladder3")
+
+
+def write_recipe(path: Path, model: Path, output: Path, **overrides) -> Path:
+    recipe = {
+        "model_name_or_path": str(model), "dtype": "float32",
+        "max_train_tokens": 1500, "train_layers": "ladder", "distill_alpha": 0.5, "use_peft": False,
+        "datasets": [{"path": "json", "data_files": str(REPO / "gates/data/alpaca_5000.json"), "split": "train[:200]"}],
+        "dataset_template": "alpaca", "gate_before": None, "gate_after": None,
+        "output_dir": str(output), "max_length": 96, "packing": True, "per_device_train_batch_size": 2,
+        "learning_rate": 1e-3, "use_cpu": True, "bf16": False, "logging_steps": 1, "save_steps": 2,
+        "report_to": [], "seed": 0,
+    } | overrides  # fmt: skip
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def tiny_gates(path: Path) -> Path:
+    suite = {"fidelity": {"chats": 8, "max_length": 128, "top_k": 16, "batch_size": 8},
+             "generation": {"prompts": 2, "max_new_tokens": 8, "batch_size": 2}}  # fmt: skip
+    gates = {"sane": {"response_perplexity": {"ratio_max": 1000.0}}, "perfect": {"kl": {"max": 0.0}}}
+    path.write_text(yaml.safe_dump({"suite": suite, "gates": gates}))
+    return path
+
+
+def wait_for_a_checkpoint(output_dir: Path, timeout: float = 300) -> None:
+    """Until the training run writing to `output_dir` has finished writing its first checkpoint."""
+    deadline = time.time() + timeout
+    while not list(output_dir.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
+        time.sleep(0.2)

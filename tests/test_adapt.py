@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import read_json, tiny_llama
+from conftest import REPO, SFT, read_json, tiny_gates, wait_for_a_checkpoint, write_recipe
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,44 +32,9 @@ from ladder.adapt.trainer import (
 from ladder.convert.converter import convert
 from ladder.gates.alpaca import alpaca_chat
 
-REPO = Path(__file__).resolve().parents[1]
-SFT = REPO / "adapt" / "sft.py"
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(smollm2_dir, tmp_path_factory):
-    """A tiny Llama with SmolLM2's tokenizer (the reference), and its conversion with 3 of 6 ladder layers."""
-    work = tmp_path_factory.mktemp("adapt")
-    original = work / "tiny-original"
-    tiny_llama(vocab_size=49152, pad_token_id=2, eos_token_id=2).save_pretrained(original)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(original)
-    return original, convert(str(original), "3", work / "tiny-ladder3")
-
-
-def write_recipe(path: Path, model: Path, output: Path, **overrides) -> Path:
-    recipe = {
-        "model_name_or_path": str(model), "dtype": "float32",
-        "max_train_tokens": 1500, "train_layers": "ladder", "distill_alpha": 0.5, "use_peft": False,
-        "datasets": [{"path": "json", "data_files": str(REPO / "gates/data/alpaca_5000.json"), "split": "train[:200]"}],
-        "dataset_template": "alpaca", "gate_before": None, "gate_after": None,
-        "output_dir": str(output), "max_length": 96, "packing": True, "per_device_train_batch_size": 2,
-        "learning_rate": 1e-3, "use_cpu": True, "bf16": False, "logging_steps": 1, "save_steps": 2,
-        "report_to": [], "seed": 0,
-    } | overrides  # fmt: skip
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
 
 def sft(*args, **popen) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SFT, *map(str, args)], capture_output=True, text=True, cwd=REPO, **popen)
-
-
-def tiny_gates(path: Path) -> Path:
-    suite = {"fidelity": {"chats": 8, "max_length": 128, "top_k": 16, "batch_size": 8},
-             "generation": {"prompts": 2, "max_new_tokens": 8, "batch_size": 2}}  # fmt: skip
-    gates = {"sane": {"response_perplexity": {"ratio_max": 1000.0}}, "perfect": {"kl": {"max": 0.0}}}
-    path.write_text(yaml.safe_dump({"suite": suite, "gates": gates}))
-    return path
 
 
 def test_training_heals_only_the_ladder_layers_within_the_token_budget(tiny_pair, tmp_path):
@@ -139,9 +103,7 @@ def test_killed_run_resumes_without_counting_tokens_twice(tiny_pair, tmp_path, m
     recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", max_train_tokens=3000, **method)
     process = subprocess.Popen([sys.executable, SFT, recipe], cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    deadline = time.time() + 300
-    while not list((tmp_path / "run").glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
-        time.sleep(0.5)
+    wait_for_a_checkpoint(tmp_path / "run")
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "run" / "final").exists(), "killed too late to test resuming"
@@ -288,7 +250,11 @@ def test_teacher_answers_are_the_originals_own_greedy_answers(tiny_pair, tmp_pat
      ({"align_tokens": 1e9}, "align_tokens must be in [0, max_train_tokens]"),
      ({"align_inputs": "both"}, "align_inputs must be one of teacher, student"),
      ({"gate_after": "after_lunch"}, "gate 'after_lunch' is not in the gates file"),
-     ({"max_train_tokens": "lots"}, "invalid float value: 'lots'")],
+     ({"max_train_tokens": "lots"}, "invalid float value: 'lots'"),
+     ({"dry_run_processes": 0}, "dry_run_processes and dry_run_device_gb must be positive"),
+     ({"dry_run": True, "dry_run_launch": "/nowhere.yaml"}, "launch config /nowhere.yaml cannot be read"),
+     ({"dry_run": True, "dry_run_launch": str(REPO / "recipes/smollm2-135m.yaml")}, "distributed_type None is not"),
+     ({"dry_run": True, "dry_run_device_gb": 0.5}, "the run does not fit 0.5 GB per device (plan above)")],
 )  # fmt: skip
 def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_path, override, message, capsys):
     from ladder.adapt import sft as sft_script
@@ -303,10 +269,17 @@ def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_p
     assert "Loading weights" not in captured.err and not (tmp_path / "run").exists()
 
 
-def test_8b_recipe_dry_run_prints_the_plan():
-    result = sft(REPO / "recipes/8b.yaml", "--dry_run", "true", "--dry_run_processes", "8")
-    assert result.returncode == 0, result.stderr[-2000:]
+@pytest.mark.parametrize("launch, total, verdict", [("fsdp", "62.65", "80 GB: fits"), ("zero3", "48.60", "80 GB: fits"),
+                                                    ("ddp", "107.86", "80 GB: does NOT fit (needs 108 GB)")])  # fmt: skip
+def test_8b_recipe_dry_run_prints_the_plan_and_the_memory_per_gpu(launch, total, verdict):
+    result = sft(REPO / "recipes/8b.yaml", "--dry_run", "true", "--dry_run_processes", "8",
+                 "--dry_run_launch", REPO / f"recipes/accelerate/{launch}.yaml")  # fmt: skip
     assert "plan: 300,000,000 tokens = 287 steps" in result.stdout and "distill_alpha 0.9" in result.stdout
+    [total_line] = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["total"]]
+    assert total_line[1] == total and " ".join(total_line[4:]) == verdict
+    fits = "NOT" not in verdict
+    assert result.returncode == (0 if fits else 2), result.stderr[-2000:]
+    assert fits or result.stderr == "adapt/sft.py: error: the run does not fit 80 GB per device (plan above)\n"
 
 
 def test_default_recipe_never_trains_on_the_gates_heldout_rows():
@@ -318,9 +291,11 @@ def test_default_recipe_never_trains_on_the_gates_heldout_rows():
     assert any("gsm8k" in d["data_files"] for d in recipe["datasets"])
 
 
-def test_two_process_ddp_on_cpu(tiny_pair, tmp_path):
+def test_two_process_ddp_on_cpu_with_lora_and_activation_checkpointing(tiny_pair, tmp_path):
     _, ladder = tiny_pair
-    recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", max_train_tokens=800, distill_alpha=0.0)
+    recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", max_train_tokens=800, distill_alpha=0.5,
+                          align_tokens=300, use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"],
+                          activation_checkpointing=True)  # fmt: skip
     # accelerate's MULTI_CPU mode wants MPI on one machine; torchrun starts the same DDP processes (gloo on CPU).
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", SFT, recipe]
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=REPO)
