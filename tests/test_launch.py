@@ -35,18 +35,18 @@ def launch_config(request) -> Path:
     return REPO / "recipes" / "accelerate" / f"{request.param}.yaml"
 
 
-def launch_command(config: Path, recipe: Path) -> list[str]:
+def launch_command(config: Path, recipe: Path, *overrides: str) -> list[str]:
     with socket.socket() as probe:  # a free port: a killed run's may still be closing
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     # The configs' bf16 is slow on CPU and would make the logits comparison approximate.
     accelerate = Path(sys.executable).parent / "accelerate"
     return [str(accelerate), "launch", "--config_file", str(config), "--num_processes", "2", "--mixed_precision", "no",
-            "--main_process_port", str(port), str(SFT), str(recipe)]  # fmt: skip
+            "--main_process_port", str(port), str(SFT), str(recipe), *overrides]  # fmt: skip
 
 
-def launch(config: Path, recipe: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(launch_command(config, recipe), capture_output=True, text=True, cwd=REPO)
+def launch(config: Path, recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(launch_command(config, recipe, *overrides), capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -130,13 +130,11 @@ def test_the_smollm2_recipe_under_fsdp(smollm2_dir, tmp_path):
     """The shipped recipe (distillation into every layer, sdpa_packed, tied embeddings) on real weights, shortened."""
     converted = convert(str(smollm2_dir), "15", tmp_path / "smollm2-ladder15")
     gates = tiny_gates(tmp_path / "gates.yaml")
-    command = launch_command(REPO / "recipes/accelerate/fsdp.yaml", REPO / "recipes/smollm2-135m.yaml")
     overrides = {"model_name_or_path": converted, "output_dir": tmp_path / "run", "max_train_tokens": 600,
                  "max_length": 128, "per_device_train_batch_size": 2, "save_steps": 1000, "gates_file": gates,
                  "gate_after": "sane", "report_to": "none"}  # fmt: skip
-    result = subprocess.run(command + [str(item) for key, value in overrides.items() for item in (f"--{key}", value)],
-                            capture_output=True, text=True, cwd=REPO)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    arguments = [str(item) for key, value in overrides.items() for item in (f"--{key}", value)]
+    result = launch(REPO / "recipes/accelerate/fsdp.yaml", REPO / "recipes/smollm2-135m.yaml", *arguments)
     assert "x 2 process(es)" in result.stdout and result.stdout.count("measuring the candidate") == 1
     assert read_json(tmp_path / "run" / "final" / "ladder_provenance.json")["adaptation"]["tokens"] >= 600
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").config.tie_word_embeddings
