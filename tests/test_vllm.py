@@ -8,7 +8,6 @@ comparison is greedy, in float32, on the same token ids.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -20,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from ladder.convert.converter import convert
 from ladder.publish.cli import main as publish
+from ladder.serve.__main__ import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("LADDER_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
@@ -98,12 +98,6 @@ def test_vllm_greedy_equals_transformers_under_tensor_parallelism(converted, pro
     results = vllm_greedy(models, 3, prompts)
     for model in models:
         assert results[model.name]["tokens"] == transformers_greedy(model, prompts), model.name
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_healthy(server: subprocess.Popen, url: str, timeout: float = 600) -> None:
