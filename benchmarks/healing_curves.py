@@ -39,21 +39,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "smollm2-135m.yaml"
-TOKENS_PER_STEP = 2048  # the recipe's 4 packed sequences of 512 tokens; checkpoints record the exact count
-METHODS = {  # every learning rate spelled out: the recipe's own default changed to the winner of these curves
-    "sft": {"train_layers": "all", "distill_alpha": 0.0, "learning_rate": 1e-4},  # the paper's: CE on the data
-    "distill": {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 1e-4},
-    "distill-frozen": {"train_layers": "ladder", "distill_alpha": 0.9, "learning_rate": 1e-4},  # trunk shared
-    "distill-lora": {"train_layers": "ladder", "distill_alpha": 0.9, "use_peft": True, "lora_r": 32, "lora_alpha": 64,
-                     "lora_target_modules": "all-linear", "learning_rate": 5e-4},
-    "distill-lr3e-4": {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 3e-4},  # the recipe's default
+# Every method spells out what it changes from plain distillation, so a change of the recipe's own default (it follows
+# the winner of these curves) changes no method.
+DISTILL = {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 3e-4, "align_tokens": 0}
+METHODS = {
+    "sft": DISTILL | {"distill_alpha": 0.0, "learning_rate": 1e-4},  # the paper's: CE on the data
+    "distill": DISTILL | {"learning_rate": 1e-4},
+    "distill-frozen": DISTILL | {"train_layers": "ladder", "learning_rate": 1e-4},  # trunk shared
+    "distill-lora": DISTILL | {"train_layers": "ladder", "use_peft": True, "lora_r": 32, "lora_alpha": 64,
+                               "lora_target_modules": "all-linear", "learning_rate": 5e-4},
+    "distill-lr3e-4": DISTILL,
     # Self-distillation: the original's own greedy answers to the Alpaca training prompts replace the data's answers.
-    "self-distill": {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 1e-4, "teacher_answers": True},
-    # Layer-wise alignment (adapt/alignment.py) for a share of the budget, then the default's distillation.
-    "align25": {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 3e-4, "align_tokens": 0.25},
-    "align50": {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 3e-4, "align_tokens": 0.5},
-    "align50-student": {"train_layers": "all", "distill_alpha": 0.9, "learning_rate": 3e-4, "align_tokens": 0.5,
-                        "align_inputs": "student"},
+    "self-distill": DISTILL | {"learning_rate": 1e-4, "teacher_answers": True},
+    # Layer-wise alignment (adapt/alignment.py) for a share of the budget, then distillation: each ladder layer fed
+    # the original's streams (teacher-forced), or the student's own earlier layers' (-student; the recipe's default
+    # is align50-student).
+    **{f"align{share}{suffix}": DISTILL | {"align_tokens": share / 100, "align_inputs": inputs}
+       for suffix, inputs in (("", "teacher"), ("-student", "student")) for share in (25, 50, 75)},
 }  # fmt: skip
 TARGET = fidelity_targets(load_gates_file().gates["after_adapt"])  # KL and top-1 of the recovery gate
 
@@ -96,8 +98,9 @@ def train(method: str, converted: Path, output: Path, tokens: float, checkpoints
     if (output / "final" / "config.json").is_file():  # adapt/sft.py writes `final` last
         print(f"\n== {method}: {output} is a finished run; kept")
         return
-    save_steps = max(1, math.ceil(tokens / TOKENS_PER_STEP / checkpoints))
-    overrides = {key: value for key, value in METHODS[method].items() if key != "teacher_answers"} | {
+    overrides = {key: value for key, value in METHODS[method].items() if key != "teacher_answers"}
+    save_steps = max(1, math.ceil(tokens / tokens_per_step(recipe, overrides, settings) / checkpoints))
+    overrides |= {
         "model_name_or_path": converted, "output_dir": output, "max_train_tokens": tokens, "save_steps": save_steps,
         "save_total_limit": None, "gate_after": None, "report_to": "none", "logging_steps": 1,
     }  # fmt: skip
@@ -105,6 +108,13 @@ def train(method: str, converted: Path, output: Path, tokens: float, checkpoints
     arguments += [f"--{setting}" for setting in settings]
     print(f"\n== {method}: adapt/sft.py {recipe.name} {' '.join(arguments)}", flush=True)
     subprocess.run([sys.executable, REPO / "adapt" / "sft.py", recipe, *arguments], cwd=REPO, check=True)
+
+
+def tokens_per_step(recipe: Path, overrides: dict, settings: list[str]) -> int:
+    """The packed tokens one step trains on at most (the recipe's rows x max_length, as the method and --set leave
+    them); checkpoints record the exact count."""
+    config = yaml.safe_load(recipe.read_text()) | overrides | dict(setting.split("=", 1) for setting in settings)
+    return int(config["per_device_train_batch_size"]) * int(config["gradient_accumulation_steps"]) * int(config["max_length"])
 
 
 def loadable(checkpoint: Path, converted: Path, work: Path) -> Path:

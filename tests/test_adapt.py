@@ -3,6 +3,7 @@ loads, training respects the token budget and the frozen layers, LoRA is merged,
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +119,33 @@ def test_killed_run_resumes_without_counting_tokens_twice(tiny_pair, tmp_path, m
     logged = read_json(Path(last_complete_checkpoint(str(tmp_path / "run"))) / "trainer_state.json")["log_history"]
     phases = {"align_loss" in entry for entry in logged if "loss" in entry}
     assert phases == {"align_tokens" in method}  # the whole budget is alignment, or none of it
+
+
+def test_distillation_starts_adamw_afresh_after_alignment_and_a_resumed_run_does_not_again(tiny_pair, tmp_path):
+    """AdamW's moments from alignment's small gradients would inflate distillation's first updates: they are cleared
+    at distillation's first step, once (a run resumed during distillation keeps the moments its checkpoint holds)."""
+    _, ladder = tiny_pair
+    recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", max_train_tokens=3000, align_tokens=1500,
+                          save_steps=1)  # fmt: skip
+    assert sft(recipe).returncode == 0
+    checkpoints = sorted((tmp_path / "run").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    logged = read_json(checkpoints[-1] / "trainer_state.json")["log_history"]
+    aligning = [("align_loss" in entry) for entry in logged if "loss" in entry]
+    aligned = sum(aligning)
+    assert aligning == [True] * aligned + [False] * (len(aligning) - aligned) and 0 < aligned < len(aligning)
+
+    def adam_steps(checkpoint: Path) -> int:
+        state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+        return max(int(parameter["step"]) for parameter in state.values())
+
+    steps = [step if step <= aligned else step - aligned for step in range(1, len(checkpoints) + 1)]
+    assert [adam_steps(checkpoint) for checkpoint in checkpoints] == steps
+    for later in checkpoints[aligned + 2 :]:  # resume two steps into distillation
+        shutil.rmtree(later)
+    shutil.rmtree(tmp_path / "run" / "final")
+    result = sft(recipe)
+    assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr[-3000:]
+    assert adam_steps(checkpoints[-1]) == steps[-1]
 
 
 def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path):
