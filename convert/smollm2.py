@@ -6,11 +6,13 @@ transformers and save it as sharded safetensors with its tokenizer, in a cache d
 """
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from ladder import cache_root
@@ -86,11 +88,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with unwind_on_termination():
-            print(fetch_smollm2(args.output, args.local_file))
+            with stdout_on_stderr():
+                directory = fetch_smollm2(args.output, args.local_file)
+            print(directory)
     except KeyboardInterrupt:
         print("ladder-fetch-smollm2: interrupted; nothing half-written was left", file=sys.stderr)
         return 130
     return 0
+
+
+@contextmanager
+def stdout_on_stderr():
+    """Whatever is printed to stdout meanwhile goes to stderr, at the file-descriptor level (deepspeed's import banner,
+    set off by transformers while it loads the GGUF file, writes to a handle it took at import): stdout carries only
+    the path, which `$(ladder-fetch-smollm2)` captures."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def local_file_problem(path: Path) -> str | None:

@@ -398,3 +398,12 @@ def test_fetch_smollm2_from_a_bad_local_file_is_one_line(tmp_path, name, content
     assert done.returncode == 2
     assert done.stderr == f"ladder-fetch-smollm2: error: --from {local}: {message}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_fetch_smollm2_prints_only_the_checkpoint_path_while_it_builds(tmp_path):
+    """`make demo` captures the command's stdout as the path: building must print nothing else there (deepspeed's
+    import banner, set off by transformers while loading the GGUF file, once did, and the demo broke)."""
+    output = tmp_path / "smollm2"
+    done = subprocess.run([sys.executable, "-m", "ladder.convert.smollm2", "--output", output], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == f"{output}\n", done.stdout + done.stderr[-2000:]
+    assert (output / "config.json").is_file()
