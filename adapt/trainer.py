@@ -72,9 +72,9 @@ class DistillingSFTTrainer(SFTTrainer):
     def forget_alignment_moments(self):
         """Start AdamW afresh at distillation's first step. Its second moments, averaged over alignment's gradients
         (about a tenth of distillation's), would scale distillation's first tens of updates several times too large:
-        on SmolLM2 the training KL went from 0.16 on the first distillation batch to 0.3-0.37 on the next ones and
-        the run ended worse than it was when alignment ended. The mark lives in the optimizer's parameter groups,
-        which checkpoints keep, so a resumed run does not clear them twice."""
+        on SmolLM2 the held-out KL rose from 0.299 to 0.348 in distillation's first 29k tokens, and a 150k-token run
+        ended at 0.273 instead of 0.237. The mark lives in the optimizer's parameter groups, which checkpoints keep,
+        so a resumed run does not clear them twice."""
         groups = self.optimizer.param_groups
         if groups[0].get("distilling"):
             return
