@@ -88,7 +88,9 @@ def test_vllm_greedy_equals_transformers_on_one_rank(on_one_rank, converted, pro
 def test_without_ladder_layers_the_plugin_is_vllms_own_llama(on_one_rank, smollm2_dir):
     ours, stock = on_one_rank["ladder0"], on_one_rank[smollm2_dir.name]
     assert ours["tokens"] == stock["tokens"]
-    assert ours["logprobs"] == stock["logprobs"]  # the same modules in the same order: bit for bit
+    # The same modules in the same order, yet not always bit for bit: one CI run saw one of 128 log-probs differ by
+    # 1.4e-6 (vLLM does not promise run-to-run identical CPU kernels). A wiring bug moves them by far more than 1e-5.
+    torch.testing.assert_close(ours["logprobs"], stock["logprobs"], rtol=0, atol=1e-5)
 
 
 def test_vllm_greedy_equals_transformers_under_tensor_parallelism(converted, prompts):
