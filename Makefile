@@ -22,7 +22,7 @@ RUN := runs/smollm2-ladder15
 # cores, so the demo names them instead of searching): 2.5x less damage than the top 15 before any training (README
 # "Benchmarks"). DEMO_LAYERS=15 converts the paper's top 15 instead.
 DEMO_LAYERS ?= 4-8,14,20-28
-DEMO_TOKENS ?= 48000
+DEMO_TOKENS ?= 40000
 EXPORT := dist/smollm2-ladder15
 
 .PHONY: setup serve-setup demo test test-latest lock serve-lock
