@@ -36,6 +36,7 @@ from ladder.gates.report import Row
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "smollm2-135m.yaml"
@@ -228,6 +229,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
             axis.plot([p.get(x) or 0 for p in timed], [p[metric] for p in timed], marker="o", label=method)
         axis.axhline(TARGET[metric], color="grey", linestyle=":", linewidth=1, label="target")
         axis.set(xlabel=label, title=f"held-out {metric} (original || adapted)" if metric == "kl" else metric)
+        axis.xaxis.set_major_formatter(EngFormatter())  # 100k, not 100000 (long labels overlap)
     axes[0].set_yscale("log")
     axes[2].set_yscale("log")
     axes[1].legend(fontsize=8)
