@@ -1,10 +1,11 @@
 """vLLM speed of the same model with the standard wiring, the ladder wiring, and the ladder wiring with no
-communication (the bound), at tensor-parallel size 2: time to first token and decode tokens/s per batch size, and
-the ratios, in one run. Random weights (vLLM's `load_format="dummy"`) with Llama-3.1-8B's layer shapes, as
+communication (the bound), on vLLM's default compiled path, and the ladder wiring in eager mode, at tensor-parallel
+size 2: time to first token and decode tokens/s per batch size, and the ratios, in one run. Random weights (vLLM's `load_format="dummy"`) with Llama-3.1-8B's layer shapes, as
 `python -m ladder.serve bench` uses, so the two can be compared on the same machine.
 
     .venv-vllm/bin/python benchmarks/vllm_speed.py                  # loopback, CPU-sized defaults (2 cores)
     .venv-vllm/bin/python benchmarks/vllm_speed.py --slow-link      # over a link throttled to 6 Mbit/s each way
+    .venv-vllm/bin/python benchmarks/vllm_speed.py --slow-link --ladder-layers 4,5,6,7   # the top half ladder
     python benchmarks/vllm_speed.py --tp 8 --layers 32 --ladder-layers $(seq -s, 16 31) --batch 1,8,32 \\
         --prompt-len 1024 --new-tokens 128 --dtype bfloat16         # on 8 GPUs, with the plain `vllm` package
 
@@ -29,7 +30,9 @@ from pathlib import Path
 
 from ladder.serve.model import SHAPES
 
-VARIANTS = {"standard": "torch", "ladder": "torch", "no-comm": "none"}  # name -> LADDER_VLLM_ALL_REDUCE
+# name -> (LADDER_VLLM_ALL_REDUCE, enforce_eager, ladder wiring)
+VARIANTS = {"standard": ("torch", False, False), "ladder": ("torch", False, True),
+            "ladder eager": ("torch", True, True), "no-comm": ("none", False, True)}  # fmt: skip
 
 
 def write_config(directory: Path, shape: str, layers: int, ladder_layers: list[int]) -> Path:
@@ -41,13 +44,13 @@ def write_config(directory: Path, shape: str, layers: int, ladder_layers: list[i
     return directory
 
 
-def measure(model: Path, args, batches: list[int], link) -> dict[int, dict]:
+def measure(model: Path, args, batches: list[int], link, enforce_eager: bool) -> dict[int, dict]:
     """Median TTFT (a 1-token generation) and decode tokens/s ((new tokens - 1) x batch over the extra time)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=args.tp,
-              dtype=args.dtype, enforce_eager=True, max_model_len=args.prompt_len + args.new_tokens + 8,
+              dtype=args.dtype, enforce_eager=enforce_eager, max_model_len=args.prompt_len + args.new_tokens + 8,
               max_num_seqs=max(batches), seed=0)  # fmt: skip
 
     def seconds(batch: int, new_tokens: int) -> float:
@@ -93,24 +96,24 @@ def doubled(rate: str) -> str:
 
 def print_table(results: dict[str, dict[int, dict]], link: str, args) -> None:
     print(f"\n{link}: TP={args.tp}, {args.layers} layers ({args.ladder_layers} ladder), {args.dtype}, "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}")
-    print("| batch | decode tok/s: standard / ladder / no-comm | ladder / standard | ladder / no-comm "
-          "| TTFT ms: standard / ladder / no-comm |")
-    print("| ---: | --- | ---: | ---: | --- |")
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}; compiled unless eager")
+    names = " / ".join(VARIANTS)
+    print(f"| batch | decode tok/s: {names} | ladder / standard | ladder / no-comm | ladder / ladder eager "
+          f"| TTFT ms: {names} |")  # fmt: skip
+    print("| ---: | --- | ---: | ---: | ---: | --- |")
     for batch in results["standard"]:
-        row = {name: results[name][batch] for name in VARIANTS}
-        tok = " / ".join(f"{row[n]['decode_tok_s']:.2f}" for n in VARIANTS)
-        ttft = " / ".join(f"{row[n]['ttft_ms']:.0f}" for n in VARIANTS)
-        speedup = row["ladder"]["decode_tok_s"] / row["standard"]["decode_tok_s"]
-        bound = row["ladder"]["decode_tok_s"] / row["no-comm"]["decode_tok_s"]
-        print(f"| {batch} | {tok} | {speedup:.2f}x | {bound:.2f}x | {ttft} |", flush=True)
+        tok = {name: results[name][batch]["decode_tok_s"] for name in VARIANTS}
+        ttft = " / ".join(f"{results[name][batch]['ttft_ms']:.0f}" for name in VARIANTS)
+        ratios = [tok["ladder"] / tok[other] for other in ("standard", "no-comm", "ladder eager")]
+        print(f"| {batch} | {' / '.join(f'{t:.2f}' for t in tok.values())} | "
+              f"{' | '.join(f'{r:.2f}x' for r in ratios)} | {ttft} |", flush=True)  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama-3.1-8b", choices=list(SHAPES))
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--ladder-layers", default="4,5,6,7", help="the ladder variant's ladder layers (default: top 4)")
+    parser.add_argument("--ladder-layers", default="all", help="the ladder variants' ladder layers (default: all)")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--batch", default="1,4")
     parser.add_argument("--prompt-len", type=int, default=8)
@@ -126,18 +129,19 @@ def main() -> None:
     if args.inside_namespace:
         run_tool("ip", "link", "set", "lo", "up", "mtu", "1500")  # tbf drops whatever exceeds its burst: lo's 64k packets
     batches = [int(b) for b in args.batch.split(",")]
-    ladder_layers = [int(index) for index in args.ladder_layers.split(",")]
+    every_layer = list(range(args.layers))
+    ladder_layers = every_layer if args.ladder_layers == "all" else [int(i) for i in args.ladder_layers.split(",")]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(rank % os.cpu_count()) for rank in range(args.tp)))
     results = {}
     with tempfile.TemporaryDirectory() as work:
-        for name, all_reduce in VARIANTS.items():
-            layers = [] if name == "standard" else ladder_layers
-            model = write_config(Path(work) / name, args.shape, args.layers, layers)
+        for name, (all_reduce, enforce_eager, ladder) in VARIANTS.items():
+            model = write_config(Path(work) / name.replace(" ", "-"), args.shape, args.layers,
+                                 ladder_layers if ladder else [])  # fmt: skip
             os.environ["LADDER_VLLM_ALL_REDUCE"] = all_reduce  # the engine's processes inherit it
             print(f"== {name}", flush=True)
             link = throttled_loopback(doubled(args.link_rate)) if args.inside_namespace else nullcontext()
-            results[name] = measure(model, args, batches, link)
+            results[name] = measure(model, args, batches, link, enforce_eager)
     print_table(results, f"slow link {args.link_rate} each way" if args.slow_link else "loopback", args)
 
 

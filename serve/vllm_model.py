@@ -18,16 +18,19 @@ The overlap: under tensor parallelism a ladder layer's attention and MLP outputs
 layers skip their all-reduce, `reduce_results=False`); each all-reduce is started as soon as its output exists and
 waited for only where the wiring reads it, so the attention's reduce runs during the MLP and the MLP's during the next
 layer's attention. A standard layer just before a ladder layer starts its MLP's reduce early too: the ladder attention
-after it does not read it. The asynchronous reduces go through torch.distributed on the tensor-parallel group (NCCL
-on CUDA, gloo on CPU); standard layers keep vLLM's own all-reduce. Under torch.compile or CUDA-graph capture the
-reduces run synchronously (correct, no overlap): run with `enforce_eager=True` for the overlap.
+after it does not read it. The asynchronous reduces are two custom ops (`ladder::start_all_reduce`,
+`ladder::wait_all_reduce`) over torch.distributed on the tensor-parallel group (NCCL on CUDA, gloo on CPU), opaque to
+torch.compile, so they keep their places on vLLM's default compiled path as in eager mode; standard layers keep
+vLLM's own all-reduce.
 
 LADDER_VLLM_ALL_REDUCE, for benchmarks: `torch` sends vLLM's own all-reduces through torch.distributed as well (on
 CPU vLLM otherwise uses shared memory, which no network link slows); `none` skips every all-reduce (wrong outputs:
-the no-communication bound).
+the no-communication bound). LADDER_VLLM_LATE_SUMS=1, for tests: a ladder all-reduce's sum reaches its tensor only
+at the wait, so a read before the wait sees the partial sum.
 """
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -59,65 +62,105 @@ def all_reduce_mode() -> str:
     return mode
 
 
-class PendingReduce:
-    """At most one all-reduce in flight: started on a partial sum, finished (in place) where the sum is read."""
+# The all-reduces in flight, by the address of the tensor that receives the sum: a work handle cannot pass through a
+# compiled graph, a tensor can.
+_IN_FLIGHT: dict[int, Callable[[], object]] = {}
+
+
+@torch.library.custom_op("ladder::start_all_reduce", mutates_args=())
+def start_all_reduce(partial: torch.Tensor, group_name: str) -> torch.Tensor:
+    """A copy of `partial` whose all-reduce over the group has started (asynchronously, in place)."""
+    total = partial.clone()
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    if dist.get_world_size(group) == 1:
+        return total
+    if os.environ.get("LADDER_VLLM_LATE_SUMS") == "1":  # tests: the sum lands only at the wait
+        summed = partial.clone()
+        dist.all_reduce(summed, group=group)
+        _IN_FLIGHT[total.data_ptr()] = lambda: total.copy_(summed)
+    else:
+        _IN_FLIGHT[total.data_ptr()] = dist.all_reduce(total, group=group, async_op=True).wait
+    return total
+
+
+@start_all_reduce.register_fake
+def _(partial, group_name):
+    return torch.empty_like(partial)
+
+
+@torch.library.custom_op("ladder::wait_all_reduce", mutates_args=())
+def wait_all_reduce(total: torch.Tensor) -> torch.Tensor:
+    """The sum, once the all-reduce that `start_all_reduce` started on `total` has finished."""
+    finish = _IN_FLIGHT.pop(total.data_ptr(), None)
+    if finish is not None:
+        finish()
+    return total.clone()  # an op's output may not alias its input
+
+
+@wait_all_reduce.register_fake
+def _(total):
+    return torch.empty_like(total)
+
+
+class Reduces:
+    """The asynchronous all-reduces of a ladder model's partial sums: `start` issues one and returns the tensor that
+    will hold the sum, `wait` returns the sum. Both are custom ops, opaque to torch.compile (inductor keeps each where
+    it is called), so the overlap survives vLLM's default compiled path.
+
+    On one rank `start` is still called, as a copy: a ladder layer reads its attention's output only after its MLP,
+    and vLLM's CPU build writes each projection's output into a preallocated buffer (`_C.onednn_mm`) whose later reads
+    inductor may fuse into a kernel it runs before the GEMM, reading an unwritten buffer. An opaque op that consumes
+    the output at once leaves every later read on a tensor inductor orders correctly."""
 
     def __init__(self, mode: str):
-        self.mode, self.work = mode, None
+        self.enabled = mode != "none"
+        self.across_ranks = self.enabled and get_tensor_model_parallel_world_size() > 1
 
     def start(self, partial: torch.Tensor) -> torch.Tensor:
-        """Returns the tensor that holds the sum once `wait()` returned."""
-        self.wait()
-        if self.mode == "none" or get_tensor_model_parallel_world_size() == 1:
+        if not self.enabled:
             return partial
-        if torch.compiler.is_compiling() or (partial.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return get_tp_group().all_reduce(partial)  # vLLM's graph-safe all-reduce
-        self.work = dist.all_reduce(partial, group=get_tp_group().device_group, async_op=True)
-        return partial
+        return torch.ops.ladder.start_all_reduce(partial, get_tp_group().device_group.group_name)
 
-    def wait(self) -> None:
-        if self.work is not None:
-            self.work.wait()
-            self.work = None
+    def wait(self, pending: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ladder.wait_all_reduce(pending) if self.across_ranks else pending
 
 
 class LadderDecoderLayer(LlamaDecoderLayer):
-    """vLLM's Llama layer with the ladder wiring; its two all-reduces are asynchronous (`PendingReduce`)."""
+    """vLLM's Llama layer with the ladder wiring; its two all-reduces are asynchronous (`Reduces`). The MLP output it
+    receives (`hidden_states`, unless this is the first layer) and the one it returns are still being reduced."""
 
-    def __init__(self, *, vllm_config, prefix: str, pending_mlp: PendingReduce):
+    def __init__(self, *, vllm_config, prefix: str, reduces: Reduces):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.self_attn.o_proj.reduce_results = False
         self.mlp.down_proj.reduce_results = False
-        self.pending_attention, self.pending_mlp = PendingReduce(pending_mlp.mode), pending_mlp
+        self.reduces = reduces
 
     def forward(self, positions, hidden_states, residual):
         A = hidden_states if residual is None else residual  # the first layer: A = H = the embeddings
-        attention = self.self_attn(positions=positions, hidden_states=self.input_layernorm(A))
-        attention = self.pending_attention.start(attention)
-        self.pending_mlp.wait()  # the MLP before (this layer's or a standard one's): H = A + m
+        attention = self.reduces.start(self.self_attn(positions=positions, hidden_states=self.input_layernorm(A)))
         if residual is None:
             H, normed = hidden_states, self.post_attention_layernorm(hidden_states)
-        else:
-            normed, H = self.post_attention_layernorm(hidden_states, residual)
-        mlp = self.pending_mlp.start(self.mlp(normed))  # read by the next MLP or standard layer, not the next attention
-        self.pending_attention.wait()
-        return mlp, H + attention  # (m, A): H = A + m
+        else:  # the MLP before (this kind of layer's or a standard one's): H = A + m
+            normed, H = self.post_attention_layernorm(self.reduces.wait(hidden_states), residual)
+        mlp = self.reduces.start(self.mlp(normed))  # read by the next MLP or standard layer, not the next attention
+        return mlp, H + self.reduces.wait(attention)  # (m, A): H = A + m
 
 
 class StandardDecoderLayer(LlamaDecoderLayer):
     """vLLM's Llama layer, unchanged, which waits for a ladder layer's MLP reduce before it reads H; followed by a
     ladder layer, it leaves its own MLP's reduce pending for that layer's MLP."""
 
-    def __init__(self, *, vllm_config, prefix: str, pending_mlp: PendingReduce, before_ladder: bool):
+    def __init__(self, *, vllm_config, prefix: str, reduces: Reduces, after_ladder: bool, before_ladder: bool):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.pending_mlp, self.before_ladder = pending_mlp, before_ladder
+        self.reduces, self.after_ladder, self.before_ladder = reduces, after_ladder, before_ladder
         self.mlp.down_proj.reduce_results = not before_ladder
 
     def forward(self, positions, hidden_states, residual):
-        self.pending_mlp.wait()
+        if self.after_ladder:
+            hidden_states = self.reduces.wait(hidden_states)
         hidden_states, residual = super().forward(positions, hidden_states, residual)
         if self.before_ladder:
-            hidden_states = self.pending_mlp.start(hidden_states)
+            hidden_states = self.reduces.start(hidden_states)
         return hidden_states, residual
 
 
@@ -127,18 +170,18 @@ class LadderLlamaModel(LlamaModel):
             raise ValueError("ladder_llama on vLLM: pipeline parallelism is not supported (tensor parallelism is)")
         config = vllm_config.model_config.hf_config
         mode = all_reduce_mode()
-        pending_mlp = PendingReduce(mode)
+        reduces = Reduces(mode)
         ladder = set(config.ladder_layers)
 
         def layer(*, vllm_config, prefix: str):
             index = extract_layer_index(prefix)
             if index in ladder:
-                return LadderDecoderLayer(vllm_config=vllm_config, prefix=prefix, pending_mlp=pending_mlp)
-            return StandardDecoderLayer(vllm_config=vllm_config, prefix=prefix, pending_mlp=pending_mlp,
-                                        before_ladder=index + 1 in ladder)  # fmt: skip
+                return LadderDecoderLayer(vllm_config=vllm_config, prefix=prefix, reduces=reduces)
+            return StandardDecoderLayer(vllm_config=vllm_config, prefix=prefix, reduces=reduces,
+                                        after_ladder=index - 1 in ladder, before_ladder=index + 1 in ladder)  # fmt: skip
 
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer)
-        self.pending_mlp = pending_mlp
+        self.reduces, self.ends_with_ladder = reduces, config.num_hidden_layers - 1 in ladder
         if mode != "vllm" and get_tensor_model_parallel_world_size() > 1:
             route_vllm_all_reduce(mode)
 
@@ -147,7 +190,8 @@ class LadderLlamaModel(LlamaModel):
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
-        self.pending_mlp.wait()
+        if self.ends_with_ladder:
+            hidden_states = self.reduces.wait(hidden_states)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 

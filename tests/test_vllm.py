@@ -2,11 +2,13 @@
 
 vLLM lives in its own environment (`make serve-setup`: it pins an older transformers than training needs), so vLLM
 runs as a subprocess with that environment's Python; the reference answers come from transformers here. Every
-comparison is greedy, in float32, on the same token ids.
+comparison is greedy, in float32, on the same token ids, on vLLM's default path (torch.compile with inductor) unless a
+test says eager.
 """
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -39,14 +41,17 @@ def vllm_environment(tensor_parallel_size: int) -> dict:
     return os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": binding}
 
 
-def vllm_greedy(models: list[Path], tensor_parallel_size: int, prompts: list[list[int]]) -> dict[str, dict]:
+def vllm_greedy(models: list[Path], tensor_parallel_size: int, prompts: list[list[int]], *, enforce_eager=False,
+                environment: dict | None = None) -> tuple[dict[str, dict], str]:  # fmt: skip
+    """Each model's greedy tokens and log-probs, by folder name; and vLLM's stderr."""
     job = {"models": [str(m) for m in models], "tensor_parallel_size": tensor_parallel_size, "prompts": prompts,
-           "max_tokens": NEW_TOKENS}  # fmt: skip
+           "max_tokens": NEW_TOKENS, "enforce_eager": enforce_eager}  # fmt: skip
     done = subprocess.run([VLLM_PYTHON, REPO / "tests" / "vllm_greedy.py", json.dumps(job)], capture_output=True,
-                          text=True, env=vllm_environment(tensor_parallel_size), timeout=900)  # fmt: skip
+                          text=True, env=vllm_environment(tensor_parallel_size) | (environment or {}),
+                          timeout=1800)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line[len("RESULT ") :]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    return {Path(r["model"]).name: r for r in results}
+    return {Path(r["model"]).name: r for r in results}, done.stderr
 
 
 def transformers_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
@@ -77,7 +82,7 @@ def converted(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def on_one_rank(converted, smollm2_dir, prompts) -> dict[str, dict]:
-    return vllm_greedy([*converted.values(), smollm2_dir], 1, prompts)
+    return vllm_greedy([*converted.values(), smollm2_dir], 1, prompts)[0]
 
 
 @pytest.mark.parametrize("layer_set", LAYER_SETS)
@@ -93,13 +98,41 @@ def test_without_ladder_layers_the_plugin_is_vllms_own_llama(on_one_rank, smollm
     torch.testing.assert_close(ours["logprobs"], stock["logprobs"], rtol=0, atol=1e-5)
 
 
-def test_vllm_greedy_equals_transformers_under_tensor_parallelism(converted, prompts):
-    """SmolLM2's 9 query heads split over 3 ranks, not 2 (vLLM needs whole heads per rank). The ladder layers'
-    all-reduces then run asynchronously over gloo: a reduce waited for in the wrong place changes the tokens."""
+def overlapped_reduces(log: str) -> tuple[int, int]:
+    """In inductor's code for rank 0's first graph (TORCH_LOGS=output_code): how many ladder all-reduces it starts,
+    and how many have matrix multiplications between their start and their wait while nothing reads the tensor."""
+    rank0 = "\n".join(line.split("[__output_code]", 1)[1] for line in log.splitlines()
+                      if "[rank0]" in line and "[__output_code]" in line)  # fmt: skip
+    lines = rank0.split("Output code written to")[0].splitlines()
+    starts = [(i, m.group(1)) for i, line in enumerate(lines)
+              if (m := re.match(r"\s*(buf\d+) = torch\.ops\.ladder\.start_all_reduce\.default\(", line))]  # fmt: skip
+    overlapped = 0
+    for start, buffer in starts:
+        reads = [i for i in range(start + 1, len(lines)) if re.search(rf"\b{buffer}\b", lines[i])]
+        assert reads and "wait_all_reduce" in lines[reads[0]], f"{buffer} is read before its wait: {lines[reads[0]]}"
+        overlapped += any("onednn_mm" in line or "extern_kernels.mm" in line for line in lines[start + 1 : reads[0]])
+    return len(starts), overlapped
+
+
+def test_vllm_compiled_keeps_the_overlap_under_tensor_parallelism(converted, prompts):
+    """SmolLM2's 9 query heads split over 3 ranks, not 2 (vLLM needs whole heads per rank). The ladder all-reduces
+    run asynchronously over gloo, with their sums made to land only at the wait (LADDER_VLLM_LATE_SUMS): a wait in
+    the wrong place changes the tokens. Inductor's code keeps each start -> the next module's matmuls -> its wait."""
     models = [converted["scattered"], converted["all30"]]
-    results = vllm_greedy(models, 3, prompts)
+    results, log = vllm_greedy(models, 3, prompts, environment={"LADDER_VLLM_LATE_SUMS": "1",
+                                                                "TORCH_LOGS": "output_code"})  # fmt: skip
     for model in models:
         assert results[model.name]["tokens"] == transformers_greedy(model, prompts), model.name
+    # The first graph is the scattered set's (4-8,14,20-28): 2 reduces per ladder layer and one for each of the 3
+    # standard layers just before one (3, 13, 19); all overlap but the MLP reduces of 8, 14 and 28, which the
+    # standard layer after them reads first.
+    assert overlapped_reduces(log) == (33, 30)
+
+
+def test_vllm_eager_greedy_equals_transformers_under_tensor_parallelism(converted, prompts):
+    model = converted["scattered"]
+    results, _ = vllm_greedy([model], 3, prompts, enforce_eager=True, environment={"LADDER_VLLM_LATE_SUMS": "1"})
+    assert results[model.name]["tokens"] == transformers_greedy(model, prompts)
 
 
 def wait_until_healthy(server: subprocess.Popen, url: str, timeout: float = 600) -> None:
@@ -131,7 +164,7 @@ def test_vllm_server_answers_the_openai_client_on_a_published_checkpoint(convert
     port = free_port()
     # `vllm serve`'s server; the `vllm` command itself fails in vllm-cpu 0.32.0 (README "Serving with vLLM").
     command = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", published, "--port", str(port),
-               "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
+               "--dtype", "float32", "--max-model-len", "1024",
                "--served-model-name", "ladder-smollm2"]  # fmt: skip
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=vllm_environment(1), cwd=tmp_path)

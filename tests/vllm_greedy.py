@@ -2,7 +2,8 @@
 
     python tests/vllm_greedy.py JOB_JSON
 
-JOB_JSON: {"models": [dir, ...], "tensor_parallel_size": N, "prompts": [[token id, ...], ...], "max_tokens": N}.
+JOB_JSON: {"models": [dir, ...], "tensor_parallel_size": N, "prompts": [[token id, ...], ...], "max_tokens": N,
+"enforce_eager": bool}: vLLM's default path (torch.compile) unless `enforce_eager`.
 Each model loads in turn into one process (vLLM's start-up is most of the time). Prints, per model, one line
 `RESULT {"model": dir, "tokens": [[...], ...], "logprobs": [[...], ...]}`: the generated ids and their log-probs.
 """
@@ -19,8 +20,8 @@ def main() -> None:
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
     greedy = SamplingParams(temperature=0, max_tokens=job["max_tokens"], logprobs=0)
     for model in job["models"]:
-        llm = LLM(model=model, tensor_parallel_size=job["tensor_parallel_size"], dtype="float32", enforce_eager=True,
-                  max_model_len=1024, seed=0)  # fmt: skip
+        llm = LLM(model=model, tensor_parallel_size=job["tensor_parallel_size"], dtype="float32",
+                  enforce_eager=job["enforce_eager"], max_model_len=1024, seed=0)  # fmt: skip
         outputs = [request.outputs[0] for request in llm.generate(prompts, greedy, use_tqdm=False)]
         logprobs = [[step[token].logprob for token, step in zip(o.token_ids, o.logprobs)] for o in outputs]
         tokens = [list(o.token_ids) for o in outputs]
