@@ -13,7 +13,7 @@ import yaml
 from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, TrlParser
 
 from ladder.adapt.alignment import INPUTS
-from ladder.checkpoint import PROVENANCE_FILE, read_json_object, read_provenance
+from ladder.checkpoint import PROVENANCE_FILE, find_shards, read_json_object, read_provenance, side_files
 
 TEMPLATES = ("none", "alpaca", "sharegpt")
 
@@ -139,6 +139,8 @@ def check_files(recipe: Recipe) -> None:
         return
     if read_json_object(model_dir / "config.json", "not a checkpoint directory").get("model_type") != "ladder_llama":
         raise RecipeError(f"{model_dir} is not a ladder checkpoint: convert it with ladder-convert first")
+    find_shards(model_dir)
+    side_files(model_dir)
     has_provenance = (model_dir / PROVENANCE_FILE).is_file()
     provenance = read_provenance(model_dir) if has_provenance else {}  # adapt/sft.py extends it at the end
     if not (recipe.ladder.reference or provenance):

@@ -19,7 +19,7 @@ from ladder.checkpoint import (
     check_apart,
     check_layer_tensors,
     check_output,
-    copy_matching,
+    copy_side_files,
     find_shards,
     hash_shards,
     link_or_copy,
@@ -91,7 +91,7 @@ def write_checkpoint(
     source: Source, config: dict, layers: list[int], shards: list[str], target: Path, placement: dict | None = None
 ) -> None:
     how = {link_or_copy(source.directory / name, target / name) for name in shards}
-    copy_matching(source.directory, target, ("model.safetensors.index.json", *SIDE_FILES))
+    copy_side_files(source.directory, target, ("model.safetensors.index.json", *SIDE_FILES))
     write_ladder_config(target, config, layers)
     hashes = hash_shards([target / name for name in shards])
     for name, sha256 in zip(shards, hashes):

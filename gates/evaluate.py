@@ -23,6 +23,7 @@ from ladder.checkpoint import (
     read_json_object,
     read_provenance,
     resolve_source,
+    side_files,
     staged,
 )
 
@@ -126,6 +127,7 @@ def _check_models(candidate: Path, reference: str | None) -> tuple[str, Path]:
     the reference's name and directory (the candidate's provenance names it when `reference` does not)."""
     read_json_object(candidate / "config.json", "the candidate is not a checkpoint directory")
     find_shards(candidate)
+    side_files(candidate)
     try:
         tempfile.TemporaryFile(dir=candidate).close()  # a read-only directory, or filesystem
     except OSError:
@@ -137,6 +139,7 @@ def _check_models(candidate: Path, reference: str | None) -> tuple[str, Path]:
         raise CheckpointError(f"reference: {error}" + ("" if reference else " (or pass --reference)")) from None
     read_json_object(reference_dir / "config.json", "the reference is not a checkpoint directory")
     find_shards(reference_dir)
+    side_files(reference_dir)
     return name, reference_dir
 
 

@@ -31,11 +31,14 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 MODELING_FILES = ("configuration_ladder_llama.py", "modeling_ladder_llama.py")  # shipped as remote code
 MODEL_CODE_DIR = Path(inspect.getfile(LadderLlamaConfig)).parent  # where the installed package keeps them
 PROVENANCE_FILE = "ladder_provenance.json"
-# Everything a user needs beside the weights; Meta's `original/` folder and pickled weights stay behind.
+# Everything a user needs beside the weights, by name; Meta's `original/` folder and pickled weights stay behind.
 SIDE_FILES = (
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "*.model",
-    "chat_template.json", "chat_template.jinja", "generation_config.json", "LICENSE*", "USE_POLICY*", "NOTICE*",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "*.model", "chat_template.json", "chat_template.jinja",
+    "generation_config.json", "LICENSE*", "USE_POLICY*", "NOTICE*",
 )  # fmt: skip
+# The only extensions a side file may have: data and text, never code (our model code is written by us).
+SIDE_SUFFIXES = ("", ".json", ".txt", ".md", ".model", ".jinja", ".png")
 HUB_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", *SIDE_FILES)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 SHA256_NAME = re.compile(r"[0-9a-f]{64}")
@@ -98,10 +101,10 @@ def download_from_hub(repo_id: str, revision: str | None) -> Source:
 
 def read_json_object(path: Path, missing: str) -> dict:
     """The JSON object in `path`; `missing` says what its absence means."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path.parent} has no {path.name}: {missing}")
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(checked_file(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(content, dict):
@@ -114,7 +117,7 @@ def find_shards(directory: Path) -> list[str]:
     index_file = directory / "model.safetensors.index.json"
     if index_file.is_file():
         try:
-            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+            shards = sorted(set(json.loads(checked_file(index_file).read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
             raise CheckpointError(f"{index_file} is not a valid safetensors index") from None
     elif (directory / "model.safetensors").is_file():
@@ -129,9 +132,11 @@ def find_shards(directory: Path) -> list[str]:
     escaping = [name for name in shards if Path(name).name != name or name in (".", "..")]
     if escaping:  # a file name in the directory, nothing else: "../x" would be read from, and written, outside it
         raise CheckpointError(f"{index_file} names shards outside the checkpoint directory: {escaping[:3]}")
-    missing = [name for name in shards if not (directory / name).is_file()]
+    missing = [name for name in shards if not os.path.lexists(directory / name)]
     if missing:
         raise CheckpointError(f"{directory} is missing shards {missing} named in its index")
+    for name in shards:
+        checked_file(directory / name)
     return shards
 
 
@@ -175,8 +180,28 @@ def verify_hub_blob(source_path: Path, sha256: str) -> None:
         raise CheckpointError(f"{source_path.name} is corrupted: its sha256 is {sha256}, the Hub says {blob_name}")
 
 
+def checked_file(path: Path) -> Path:
+    """The real path of `path`, a file of a checkpoint directory, when it may be read: a regular file, or a symlink
+    that resolves inside the directory or into the Hugging Face cache's blob store (how Hub snapshots are laid out).
+    Anything else (a link to /etc/passwd or /proc/self/environ, a device, a pipe) is refused, naming the file."""
+    real = Path(os.path.realpath(path))
+    if path.is_symlink() and not inside_checkpoint(real, Path(os.path.realpath(path.parent))):
+        raise CheckpointError(f"{path} is a symlink to {real}, outside the checkpoint: refusing to read it")
+    if not real.is_file():
+        raise CheckpointError(f"{path} is not a regular file: refusing to read it")
+    return real
+
+
+def inside_checkpoint(real: Path, directory: Path) -> bool:
+    """In `directory`, or in the blob store of the Hub cache repository whose snapshot `directory` is."""
+    if real.is_relative_to(directory):
+        return True
+    snapshots = directory.parent
+    return snapshots.name == "snapshots" and real.parent == snapshots.parent / "blobs"
+
+
 def link_or_copy(source: Path, target: Path) -> str:
-    real_source = os.path.realpath(source)  # Hub cache snapshots hold symlinks to blobs
+    real_source = checked_file(source)  # Hub cache snapshots hold symlinks to blobs
     try:
         os.link(real_source, target)
         return "hardlinked"
@@ -185,11 +210,28 @@ def link_or_copy(source: Path, target: Path) -> str:
         return "copied"
 
 
-def copy_matching(source: Path, target: Path, patterns: tuple[str, ...]) -> None:
-    """The files of `source` whose names match a pattern, into `target` (never over a file already there)."""
-    for path in sorted(source.iterdir()):
-        if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in patterns) and not (target / path.name).exists():
-            shutil.copyfile(path, target / path.name)
+def side_files(directory: Path, patterns: tuple[str, ...] = SIDE_FILES) -> list[Path]:
+    """The files of `directory` that a pattern names, with a data or text extension, each checked as `checked_file`
+    does. A config among them that names code to run (`auto_map`: a tokenizer or processor of its own) is refused:
+    an export loads with `trust_remote_code=True`, which would run that code on every user's machine."""
+    named = [
+        path for path in sorted(directory.iterdir())
+        if any(fnmatch.fnmatch(path.name, p) for p in patterns) and path.suffix in SIDE_SUFFIXES
+    ]  # fmt: skip
+    for path in named:
+        checked_file(path)
+        if path.name.endswith("config.json") and "auto_map" in read_json_object(path, ""):
+            raise CheckpointError(
+                f"{path} names code to run (auto_map): ladder carries no code but its own model's; remove auto_map"
+            )
+    return named
+
+
+def copy_side_files(source: Path, target: Path, patterns: tuple[str, ...]) -> None:
+    """The side files of `source` that `patterns` name, into `target` (never over a file already there)."""
+    for path in side_files(source, patterns):
+        if not os.path.lexists(target / path.name):
+            shutil.copyfile(checked_file(path), target / path.name)
 
 
 def write_ladder_config(directory: Path, config: dict, layers: list[int]) -> None:

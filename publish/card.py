@@ -1,5 +1,6 @@
 """The model card (`README.md`) of a published ladder model, and the license it inherits from its base model."""
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard import metadata_load
 
 from ladder import __version__
-from ladder.checkpoint import HUB_ID
+from ladder.checkpoint import HUB_ID, checked_file, side_files
 from ladder.gates.report import Row
 
 LICENSE_FILES = ("LICENSE*", "USE_POLICY*", "NOTICE*")
@@ -60,7 +61,7 @@ class License:
 def detect_license(directories: list[Path], override: str | None = None) -> License:
     """The first of `directories` (the model, then its ancestors) that says anything about a license decides."""
     for directory in directories:
-        texts = tuple(sorted({p for pattern in LICENSE_FILES for p in directory.glob(pattern) if p.is_file()}))
+        texts = tuple(side_files(directory, LICENSE_FILES))
         declared = readme_license(directory / "README.md")
         if declared or texts:
             hub_id, found_in = (declared, "README.md") if declared else identify_license(texts)
@@ -69,10 +70,10 @@ def detect_license(directories: list[Path], override: str | None = None) -> Lice
 
 
 def readme_license(readme: Path) -> str | None:
-    if not readme.is_file():
+    if not os.path.lexists(readme):
         return None
     try:
-        declared = (metadata_load(readme) or {}).get("license")
+        declared = (metadata_load(checked_file(readme)) or {}).get("license")
     except yaml.YAMLError:  # a broken front matter tells us nothing
         return None
     return declared if isinstance(declared, str) else None

@@ -11,7 +11,6 @@ existing target, or a Hub that is offline, unreachable or refusing.
 
 import argparse
 import filecmp
-import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from ladder.checkpoint import (
     check_apart,
     check_layer_tensors,
     check_output,
-    copy_matching,
+    copy_side_files,
     find_shards,
     link_or_copy,
     read_json_object,
@@ -42,7 +41,7 @@ from ladder.checkpoint import (
 from ladder.gates import report
 from ladder.gates.report import Report, Row
 
-from .card import CardFacts, License, build_card, detect_license
+from .card import LICENSE_FILES, CardFacts, License, build_card, detect_license
 
 CONVERTED_GATE = "after_convert"  # the gate ladder-convert runs on the converted checkpoint
 EVIDENCE_FILES = (*report.report_files(), "training_curves.png")
@@ -223,12 +222,11 @@ def write_folder(checkpoint: Checkpoint, converted: Path | None, facts: CardFact
     """Everything beside the card comes from the checkpoint first, then from its converted ancestor."""
     for name in checkpoint.shards:
         link_or_copy(checkpoint.directory / name, target / name)
-    copy_matching(checkpoint.directory, target, ("model.safetensors.index.json", *SIDE_FILES, *EVIDENCE_FILES))
+    copy_side_files(checkpoint.directory, target, ("model.safetensors.index.json", *SIDE_FILES, *EVIDENCE_FILES))
     if converted:
-        copy_matching(converted, target, report.report_files(CONVERTED_GATE))
-    for path in facts.license.files:
-        if not (target / path.name).exists():
-            shutil.copyfile(path, target / path.name)
+        copy_side_files(converted, target, report.report_files(CONVERTED_GATE))
+    if facts.license.files:  # all from one directory
+        copy_side_files(facts.license.files[0].parent, target, LICENSE_FILES)
     if facts.license.needs_notice:
         (target / "NOTICE").write_text(facts.license.llama_notice + "\n")
     # Our own model code, the code the gates ran (ladder-eval loads our registered classes), whatever the folder holds.
