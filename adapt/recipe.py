@@ -13,7 +13,7 @@ import yaml
 from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, TrlParser
 
 from ladder.adapt.alignment import INPUTS
-from ladder.checkpoint import PROVENANCE_FILE, find_shards, read_json_object, read_provenance, side_files
+from ladder.checkpoint import PROVENANCE_FILE, check_apart, find_shards, read_json_object, read_provenance, side_files
 
 TEMPLATES = ("none", "alpaca", "sharegpt")
 
@@ -141,6 +141,7 @@ def check_files(recipe: Recipe) -> None:
         raise RecipeError(f"{model_dir} is not a ladder checkpoint: convert it with ladder-convert first")
     find_shards(model_dir)
     side_files(model_dir)
+    check_apart(Path(recipe.training.output_dir), model_dir, "output_dir")  # its checkpoints and README.md
     has_provenance = (model_dir / PROVENANCE_FILE).is_file()
     provenance = read_provenance(model_dir) if has_provenance else {}  # adapt/sft.py extends it at the end
     if not (recipe.ladder.reference or provenance):

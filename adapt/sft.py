@@ -10,7 +10,9 @@ recipe).
 """
 
 import math
+import os
 import sys
+from contextlib import nullcontext
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -37,7 +39,17 @@ from ladder.adapt.trainer import (
     lora_config,
     share_trunk,
 )
-from ladder.checkpoint import PROVENANCE_FILE, CheckpointError, read_provenance, staged, tool_stamp, write_provenance
+from ladder.checkpoint import (
+    PROVENANCE_FILE,
+    CheckpointError,
+    find_shards,
+    output_lock,
+    read_provenance,
+    shard_hashes,
+    staged,
+    tool_stamp,
+    write_provenance,
+)
 from ladder.gates import GateUsageError, load_gates_file, run_gate
 from ladder.gates.config import DEFAULT_GATES_FILE, fidelity_targets
 
@@ -48,16 +60,30 @@ def main(argv: list[str]) -> int:
     try:
         recipe = parse_recipe(argv)
         if recipe.ladder.dry_run:
-            # Without the data at hand, a sequence is counted at max_length (exact with packing).
-            print_plan(recipe, recipe.training.max_length, recipe.ladder.dry_run_processes)
-            if not print_memory_plan(recipe):
-                raise RecipeError(f"the run does not fit {recipe.ladder.dry_run_device_gb:g} GB per device (plan above)")
-            return 0
-        dataset = load_training_data(recipe.data, recipe.ladder.dataset_template)
-        before = gate(recipe, recipe.model.model_name_or_path, recipe.ladder.gate_before)
+            return dry_run(recipe)
+        with output_dir_lock(Path(recipe.training.output_dir)):
+            return heal(recipe, start)
     except (RecipeError, GateUsageError, CheckpointError) as error:
         fail(error)
 
+
+def dry_run(recipe: Recipe) -> int:
+    # Without the data at hand, a sequence is counted at max_length (exact with packing).
+    print_plan(recipe, recipe.training.max_length, recipe.ladder.dry_run_processes)
+    if not print_memory_plan(recipe):
+        raise RecipeError(f"the run does not fit {recipe.ladder.dry_run_device_gb:g} GB per device (plan above)")
+    return 0
+
+
+def output_dir_lock(output_dir: Path):
+    """The first process holds output_dir for the whole run: a second launch on it is refused at once."""
+    first = int(os.environ.get("RANK", "0")) == 0
+    return output_lock(output_dir, "output_dir") if first else nullcontext()
+
+
+def heal(recipe: Recipe, start: float) -> int:
+    dataset = load_training_data(recipe.data, recipe.ladder.dataset_template)
+    before = gate(recipe, recipe.model.model_name_or_path, recipe.ladder.gate_before)
     shard_cpu_processes()
     trainer = build_trainer(recipe, dataset)
     tokens_per_sequence = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) / len(trainer.train_dataset)
@@ -189,11 +215,13 @@ def save_final(model, trainer, recipe: Recipe, seconds: float) -> Path:
         "wall_time_s": round(seconds, 1),
         "versions": {name: version(name) for name in ("torch", "transformers", "trl", "peft", "accelerate")},
     }
-    with staged(final) as partial:
+    with staged(final, overwrite=True, option="output_dir") as partial:
         model.save_pretrained(partial)
         trainer.processing_class.save_pretrained(partial)
         converted = read_provenance(source_dir) if (source_dir / PROVENANCE_FILE).is_file() else {"source": adaptation["reference"]}
-        write_provenance(partial, converted | {"adaptation": adaptation | tool_stamp("adapt/sft.py")})
+        adaptation["converted_shards_sha256"] = converted.get("shards_sha256")
+        weights = shard_hashes(partial, find_shards(partial))  # this model's own, as a gate report records them
+        write_provenance(partial, converted | {"shards_sha256": weights, "adaptation": adaptation | tool_stamp("adapt/sft.py")})
     return final
 
 

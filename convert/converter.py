@@ -23,6 +23,7 @@ from ladder.checkpoint import (
     find_shards,
     hash_shards,
     link_or_copy,
+    output_lock,
     read_json_object,
     resolve_source,
     staged,
@@ -139,14 +140,15 @@ def convert(
         raise ConvertError(f"--calibration-chats must be from 1 to {TRAIN.stop} (Alpaca's training rows), not {calibration_chats}")
     shards = find_shards(resolved.directory)
     check_layer_tensors(resolved.directory, shards, config["num_hidden_layers"])
-    measured = None
-    if placement == "measured":
-        layers, measured = measured_placement(resolved.directory, config, len(layers), calibration_chats)
-
-    with staged(output) as staging:
-        write_checkpoint(resolved, config, layers, shards, staging, measured)
-    # The checkpoint is complete: a failed gate, or one that cannot run, leaves it in place with the reason.
-    verdict = run_after_convert_gate(output, resolved, gates_file) if gates_file else None
+    with output_lock(output, "--output"):
+        check_output(output, overwrite, "--output")  # again: a run of ours may have written it meanwhile
+        measured = None
+        if placement == "measured":
+            layers, measured = measured_placement(resolved.directory, config, len(layers), calibration_chats)
+        with staged(output, overwrite=overwrite) as staging:
+            write_checkpoint(resolved, config, layers, shards, staging, measured)
+        # The checkpoint is complete: a failed gate, or one that cannot run, leaves it in place with the reason.
+        verdict = run_after_convert_gate(output, resolved, gates_file) if gates_file else None
     if verdict and not verdict.passed:
         raise GateFailed(f"{output} was written, but its after_convert gate failed on: {', '.join(verdict.failing)}")
     return output

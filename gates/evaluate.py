@@ -23,6 +23,7 @@ from ladder.checkpoint import (
     read_json_object,
     read_provenance,
     resolve_source,
+    shard_hashes,
     side_files,
     staged,
 )
@@ -72,6 +73,7 @@ def run_gate(
     except CheckpointError as error:
         raise EvalUsageError(str(error)) from None
     tokenizer = _matching_tokenizer(reference_dir, candidate)
+    weights = shard_hashes(candidate, find_shards(candidate))  # what the report is about
 
     cache_file = _cache_file(reference_dir, gates, device, torch_dtype)
     reference_results = _load_cached(cache_file) if use_cache else None
@@ -89,7 +91,8 @@ def run_gate(
     facts = {
         "candidate": label or str(candidate), "reference": reference_name, "device": str(device),
         "dtype": str(torch_dtype).removeprefix("torch."), "suite": gates.suite.as_dict(), "seconds": round(seconds, 1),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shards_sha256": weights,
+        "thresholds": gates.gates[gate],
     }  # fmt: skip
     report_path = report.write(candidate, gate, rows, facts)
     print(report.markdown(rows, f"gate {gate}"))

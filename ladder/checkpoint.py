@@ -4,6 +4,9 @@ shards and their hashes, the ladder `config.json`, `ladder_provenance.json`, and
 Every problem with a checkpoint is a `CheckpointError`: one line for the user, exit code 2 in every command.
 """
 
+import ctypes
+import errno
+import fcntl
 import fnmatch
 import glob
 import hashlib
@@ -42,6 +45,7 @@ SIDE_SUFFIXES = ("", ".json", ".txt", ".md", ".model", ".jinja", ".png")
 HUB_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", *SIDE_FILES)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+AT_FDCWD, RENAME_NOREPLACE = -100, 1  # <fcntl.h>, <linux/fs.h>
 
 
 class CheckpointError(ValueError):
@@ -173,6 +177,11 @@ def hash_shards(paths: list[Path]) -> list[str]:
             return list(pool.map(lambda p: sha256_of(p, progress), paths))
 
 
+def shard_hashes(directory: Path, shards: list[str]) -> dict[str, str]:
+    """{shard name: sha256}, as the provenance and the gate reports record them."""
+    return dict(zip(shards, hash_shards([directory / name for name in shards])))
+
+
 def verify_hub_blob(source_path: Path, sha256: str) -> None:
     """A Hub cache stores each weight file under its sha256: a mismatch means the cached download is corrupted."""
     blob_name = Path(os.path.realpath(source_path)).name
@@ -293,13 +302,38 @@ def check_output(output: Path, overwrite: bool, option: str) -> None:
 
 
 @contextmanager
-def staged(output: Path, directory: bool = True) -> Iterator[Path]:
+def output_lock(output: Path, option: str) -> Iterator[None]:
+    """Hold `output` for the whole run: an exclusive lock on a file beside it, removed at the end. A second run on
+    the same output is refused at once."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = output.with_name(f".{output.name}.lock")
+    descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(descriptor).st_ino != os.stat(lock_file).st_ino:  # a run that just ended removed it
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
+        os.close(descriptor)
+        raise CheckpointError(f"{option} {output} is being written by another ladder run: wait for it to end") from None
+    try:
+        yield
+    finally:
+        lock_file.unlink(missing_ok=True)  # before the lock goes: a waiting run then sees a new lock file
+        os.close(descriptor)
+
+
+@contextmanager
+def staged(output: Path, directory: bool = True, overwrite: bool = False, option: str = "--output") -> Iterator[Path]:
     """A temporary sibling of `output` to write into, renamed to `output` when the block ends normally and removed
     when it raises. An existing `output` goes only once the new one is in place, so a failed or interrupted run
-    leaves the output as it was."""
+    leaves the output as it was. A directory never lands on anything but an earlier output of ours, and that only
+    with `overwrite`: what appeared at `output` while the run was writing is checked again at the rename."""
     with scratch(output, directory) as staging:
         yield staging
-        replace(staging, output)
+        if directory:
+            move_into_place(staging, output, overwrite, option)
+        else:
+            os.replace(staging, output)
 
 
 @contextmanager
@@ -354,14 +388,31 @@ def current_umask() -> int:
     return umask
 
 
-def replace(staging: Path, output: Path) -> None:
-    if not os.path.lexists(output):
-        staging.rename(output)
-        return
-    retired = output.with_name(f".{output.name}.{owner_tag()}.old")
-    output.rename(retired)
-    staging.rename(output)
-    remove(retired)
+def move_into_place(staging: Path, output: Path, overwrite: bool, option: str) -> None:
+    if overwrite and os.path.lexists(output):
+        check_output(output, overwrite, option)  # still an earlier output of ours, not a folder made meanwhile
+        retired = output.with_name(f".{output.name}.{owner_tag()}.old")
+        output.rename(retired)
+        rename_without_replacing(staging, output, option)
+        remove(retired)
+    else:
+        rename_without_replacing(staging, output, option)
+
+
+def rename_without_replacing(source: Path, target: Path, option: str) -> None:
+    """Linux's renameat2(RENAME_NOREPLACE): atomic, and never over anything. Where the filesystem or the C library
+    lacks it, a check then a rename (under the output's lock, so only another program could slip in between)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+        if renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(target), RENAME_NOREPLACE) == 0:
+            return
+        error = ctypes.get_errno()
+        if error not in (errno.ENOSYS, errno.EINVAL, errno.EEXIST):
+            raise OSError(error, os.strerror(error), str(target))
+    if os.path.lexists(target):
+        raise CheckpointError(f"{option} {target} appeared while this run was writing it: left as it is, nothing written")
+    os.rename(source, target)
 
 
 def remove(path: Path) -> None:

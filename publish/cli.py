@@ -21,6 +21,7 @@ from ladder.checkpoint import (
     HUB_ID,
     MODEL_CODE_DIR,
     MODELING_FILES,
+    PROVENANCE_FILE,
     SIDE_FILES,
     CheckpointError,
     check_apart,
@@ -29,16 +30,19 @@ from ladder.checkpoint import (
     copy_side_files,
     find_shards,
     link_or_copy,
+    output_lock,
     read_json_object,
     read_provenance,
     scratch,
+    shard_hashes,
     staged,
     tool_stamp,
     unwind_on_termination,
     write_ladder_config,
     write_provenance,
 )
-from ladder.gates import report
+from ladder.gates import GateUsageError, load_gates_file, report
+from ladder.gates.config import DEFAULT_GATES_FILE
 from ladder.gates.report import Report, Row
 
 from .card import LICENSE_FILES, CardFacts, License, build_card, detect_license
@@ -76,6 +80,7 @@ def publish(
     private: bool = False,
     base_model: str | None = None,
     license_id: str | None = None,
+    gates_file: Path = DEFAULT_GATES_FILE,
 ) -> str:
     """Export to `export` or upload to `repo_id` (exactly one); returns the folder or the repository's URL."""
     target = Path(export).expanduser().absolute() if export else None
@@ -89,8 +94,9 @@ def publish(
     checkpoint = read_checkpoint(Path(model).expanduser().absolute())
     if target:
         check_apart(target, checkpoint.directory, "--export")
-    verdict = report.read(checkpoint.directory, gate)
-    problem = gate_problem(verdict, gate)
+    thresholds = gate_thresholds(gates_file, gate)
+    rows = judged_rows(report.read(checkpoint.directory, gate), checkpoint, gate, thresholds)
+    problem = gate_problem(rows, gate)
     if problem and not force:
         raise GateRefused(f"{checkpoint.directory} is not published: {problem} (or pass --force)")
 
@@ -106,8 +112,8 @@ def publish(
         num_layers=checkpoint.config["num_hidden_layers"],
         adaptation=checkpoint.provenance.get("adaptation") or {},
         gate=gate,
-        gate_rows=rows_of(verdict),
-        converted_rows=rows_of(report.read(converted, CONVERTED_GATE)) if converted else None,
+        gate_rows=rows,
+        converted_rows=converted_rows(converted),
         forced_because=problem,
         license=license,
         chat_template=has_chat_template(checkpoint.directory),
@@ -115,8 +121,10 @@ def publish(
 
     warn_if_model_code_differs(checkpoint.directory)
     if target:
-        with staged(target) as folder:
-            write_folder(checkpoint, converted, facts, folder)
+        with output_lock(target, "--export"):
+            check_output(target, overwrite, "--export")  # again: a run of ours may have written it meanwhile
+            with staged(target, overwrite=overwrite, option="--export") as folder:
+                write_folder(checkpoint, converted, facts, folder)
         return str(target)
     with scratch(checkpoint.directory) as folder:  # beside the model: the shards hardlink, not copy, for the upload
         write_folder(checkpoint, converted, facts, folder)
@@ -161,20 +169,50 @@ def read_checkpoint(directory: Path) -> Checkpoint:
         raise PublishError(f"{directory} has no tokenizer (tokenizer_config.json): save the tokenizer beside the model")
     shards = find_shards(directory)
     check_layer_tensors(directory, shards, config["num_hidden_layers"])
+    recorded = provenance.get("shards_sha256")
+    if not isinstance(recorded, dict) or sorted(recorded) != shards:
+        raise CheckpointError(f"{directory / PROVENANCE_FILE} does not record the sha256 of each shard {shards}")
     return Checkpoint(directory, config, provenance, shards)
 
 
-def rows_of(verdict: Report | None) -> list[Row] | None:
-    return verdict.rows if verdict else None
+def gate_thresholds(gates_file: Path, gate: str) -> dict:
+    try:
+        gates = load_gates_file(gates_file).gates
+    except GateUsageError as error:
+        raise PublishError(str(error)) from None
+    if gate not in gates:
+        raise PublishError(f"--gate {gate} is not in {gates_file} (it defines: {', '.join(gates)})")
+    return gates[gate]
 
 
-def gate_problem(verdict: Report | None, gate: str) -> str | None:
-    """Why the gate keeps the model in; None when it lets it out."""
+def judged_rows(verdict: Report | None, checkpoint: Checkpoint, gate: str, thresholds: dict) -> list[Row] | None:
+    """The report's measurements judged again by the gates file, so the verdict written in the report counts for
+    nothing; the report must be about these weights (its shard hashes are the provenance's). None without a report."""
     if verdict is None:
+        return None
+    where = checkpoint.directory / report.report_files(gate)[0]
+    if not verdict.rows:
+        raise CheckpointError(f"{where} has no rows: it measured nothing")
+    if verdict.shards_sha256 != checkpoint.provenance["shards_sha256"]:
+        raise CheckpointError(
+            f"{where} is about other weights (its shard hashes are not the provenance's): run ladder-eval --gate {gate} on this model"
+        )
+    measured = {row.metric: (row.reference, row.candidate) for row in verdict.rows if row.threshold != "not measured"}
+    return report.judge(measured, thresholds)
+
+
+def gate_problem(rows: list[Row] | None, gate: str) -> str | None:
+    """Why the gate keeps the model in; None when it lets it out."""
+    if rows is None:
         return f"its {gate} gate report ({report.report_files(gate)[0]}) is missing"
-    if not verdict.passed:
-        return f"its {gate} gate failed on: {', '.join(report.failing(verdict.rows)) or 'see the report'}"
+    if report.failing(rows):
+        return f"its {gate} gate failed on: {', '.join(report.failing(rows))}"
     return None
+
+
+def converted_rows(converted: Path | None) -> list[Row] | None:
+    verdict = report.read(converted, CONVERTED_GATE) if converted else None
+    return verdict.rows if verdict else None
 
 
 def hub_source(provenance: dict) -> str | None:
@@ -222,6 +260,10 @@ def write_folder(checkpoint: Checkpoint, converted: Path | None, facts: CardFact
     """Everything beside the card comes from the checkpoint first, then from its converted ancestor."""
     for name in checkpoint.shards:
         link_or_copy(checkpoint.directory / name, target / name)
+    exported = shard_hashes(target, checkpoint.shards)
+    changed = [name for name in checkpoint.shards if exported[name] != checkpoint.provenance["shards_sha256"][name]]
+    if changed:  # edited since it was gated, or while this run reads the folder: the export would mix the two
+        raise CheckpointError(f"{checkpoint.directory / changed[0]} is not the shard the provenance records (sha256 differs)")
     copy_side_files(checkpoint.directory, target, ("model.safetensors.index.json", *SIDE_FILES, *EVIDENCE_FILES))
     if converted:
         copy_side_files(converted, target, report.report_files(CONVERTED_GATE))
@@ -304,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--export", type=Path, help="folder to write instead (works offline)")
     parser.add_argument("--private", action="store_true", help="make the Hub repository private")
     parser.add_argument("--gate", default="after_adapt", help="gate whose passed report lets the model out")
+    parser.add_argument("--gates-file", type=Path, default=DEFAULT_GATES_FILE,
+                        help="thresholds the report is judged by (default: gates' own)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="publish without a passed gate report (the card says so)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export folder or Hub repository")
     parser.add_argument("--base-model", help="the original's Hub id, when the provenance names a local directory")
@@ -313,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         with unwind_on_termination():
             published = publish(
                 args.model, args.repo_id, args.export, args.gate, args.force, args.overwrite, args.private,
-                args.base_model, args.license,
+                args.base_model, args.license, args.gates_file,
             )  # fmt: skip
     except GateRefused as refusal:
         print(f"ladder-publish: {refusal}", file=sys.stderr)

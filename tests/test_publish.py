@@ -23,9 +23,9 @@ from huggingface_hub import ModelCard, constants
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from ladder.checkpoint import MODEL_CODE_DIR, MODELING_FILES, PROVENANCE_FILE
+from ladder.checkpoint import MODEL_CODE_DIR, MODELING_FILES, PROVENANCE_FILE, find_shards, shard_hashes
 from ladder.convert.converter import convert
-from ladder.gates import report
+from ladder.gates import load_gates_file, report
 from ladder.publish import cli
 from ladder.publish.card import License, detect_license
 
@@ -50,9 +50,15 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def write_gate_report(directory: Path, gate: str, kl: float) -> None:
-    """A well-formed report, as gates/report.py writes it: passes with kl <= 0.05."""
-    rows = report.judge({"kl": (0.0, kl), "top1_agreement": (1.0, 0.96)}, {"kl": {"max": 0.05}})
-    report.write(directory, gate, rows, {"candidate": str(directory), "reference": "tiny-original"})
+    """A well-formed report of the model in `directory`, as gates/report.py writes it, on the metrics of the default
+    gates: after_adapt passes with kl <= 0.05."""
+    metrics = {"kl": (0.0, kl), "top1_agreement": (1.0, 0.96), "response_perplexity": (2.0, 2.02),
+               "arc_easy_local/acc": (0.5, 0.5)}  # fmt: skip
+    thresholds = load_gates_file().gates[gate]
+    rows = report.judge(metrics, thresholds)
+    facts = {"candidate": str(directory), "reference": "tiny-original", "thresholds": thresholds,
+             "shards_sha256": read_json(directory / PROVENANCE_FILE)["shards_sha256"]}  # fmt: skip
+    report.write(directory, gate, rows, facts)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +82,7 @@ def lineage(tmp_path_factory) -> SimpleNamespace:
     tiny_tokenizer().save_pretrained(adapted)
     adaptation = {"converted_model": str(converted), "reference": str(original), "data": TRAINING_DATA}
     provenance = read_json(converted / PROVENANCE_FILE) | {"adaptation": adaptation | {"tokens": 1500, "steps": 8}}
+    provenance["shards_sha256"] = shard_hashes(adapted, find_shards(adapted))
     (adapted / PROVENANCE_FILE).write_text(json.dumps(provenance))
     write_gate_report(adapted, "after_adapt", kl=0.02)
     return SimpleNamespace(original=original, converted=converted, adapted=adapted, model=model.eval())
