@@ -14,11 +14,12 @@ import os
 import sys
 from contextlib import nullcontext
 import time
+import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import ladder.adapt.packed_attention  # noqa: F401  (registers attn_implementation "sdpa_packed")
@@ -42,15 +43,19 @@ from ladder.adapt.trainer import (
 from ladder.checkpoint import (
     PROVENANCE_FILE,
     CheckpointError,
+    crashed,
     find_shards,
     output_lock,
+    read_json_object,
     read_provenance,
     shard_hashes,
+    shard_tensor_shapes,
     staged,
     tool_stamp,
     write_provenance,
 )
 from ladder.gates import GateUsageError, load_gates_file, run_gate
+from ladder.gates.evaluate import load_chat_tokenizer
 from ladder.gates.config import DEFAULT_GATES_FILE, fidelity_targets
 
 
@@ -83,12 +88,13 @@ def output_dir_lock(output_dir: Path):
 
 def heal(recipe: Recipe, start: float) -> int:
     dataset = load_training_data(recipe.data, recipe.ladder.dataset_template)
+    tokenizer = load_chat_tokenizer(Path(recipe.model.model_name_or_path), "model")
+    last_checkpoint = last_complete_checkpoint(recipe.training.output_dir)
     before = gate(recipe, recipe.model.model_name_or_path, recipe.ladder.gate_before)
     shard_cpu_processes()
-    trainer = build_trainer(recipe, dataset)
+    trainer = build_trainer(recipe, dataset, tokenizer)
     tokens_per_sequence = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) / len(trainer.train_dataset)
     trainer.args.max_steps = print_plan(recipe, tokens_per_sequence, trainer.args.world_size)
-    last_checkpoint = last_complete_checkpoint(recipe.training.output_dir)
     if last_checkpoint:
         print(f"resuming from {last_checkpoint}")
     trainer.train(resume_from_checkpoint=last_checkpoint)
@@ -104,7 +110,7 @@ def heal(recipe: Recipe, start: float) -> int:
     return 0 if after is None or after.passed else 1
 
 
-def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
+def build_trainer(recipe: Recipe, dataset, tokenizer) -> DistillingSFTTrainer:
     ladder, args = recipe.ladder, recipe.training
     args.include_num_input_tokens_seen = "non_padding"  # the token budget counts these
     if args.activation_checkpointing and args.ddp_find_unused_parameters is None:
@@ -133,7 +139,7 @@ def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
         model=model,
         args=args,
         train_dataset=dataset,
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[TokenBudget(int(ladder.max_train_tokens)), TrainingClock()],
         teacher=teacher,
@@ -145,11 +151,36 @@ def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint the Trainer finished writing. It writes trainer_state.json last, so a run killed while
-    saving leaves a newer folder without it, which transformers' get_last_checkpoint would pick and fail on."""
+    """The newest checkpoint the Trainer finished writing, checked. It writes trainer_state.json last, so a run
+    killed while saving leaves a newer folder without it, which transformers' get_last_checkpoint would pick and fail
+    on."""
     finished = [state.parent for state in Path(output_dir).glob("checkpoint-*/trainer_state.json")]
     steps = {int(folder.name.removeprefix("checkpoint-")): folder for folder in finished if folder.name[11:].isdigit()}
-    return str(steps[max(steps)]) if steps else None
+    if not steps:
+        return None
+    newest, *earlier = sorted(steps, reverse=True)
+    problem = checkpoint_problem(steps[newest])
+    if problem:  # a relaunch would fail on it forever; it is the user's to remove
+        instead = f"resume from {steps[earlier[0]].name}" if earlier else "start afresh"
+        raise RecipeError(f"the latest checkpoint {steps[newest]} is corrupt ({problem}): move it out of output_dir to {instead}")
+    return str(steps[newest])
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the Trainer could not resume from `folder`, from what can be checked without loading it."""
+    try:
+        read_json_object(folder / "trainer_state.json", "")
+    except CheckpointError:
+        return "trainer_state.json is not a JSON object"
+    for path in sorted(folder.rglob("*")):
+        if path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):  # torch.save writes zip archives
+            return f"{path.relative_to(folder)} is truncated or not a torch file"
+        if path.suffix == ".safetensors":
+            try:
+                shard_tensor_shapes(path)
+            except CheckpointError:
+                return f"{path.relative_to(folder)} is truncated or corrupted"
+    return None
 
 
 def print_plan(recipe: Recipe, tokens_per_sequence: float, processes: int) -> int:
@@ -225,5 +256,16 @@ def save_final(model, trainer, recipe: Recipe, seconds: float) -> Path:
     return final
 
 
+def run(argv: list[str]) -> int:
+    """main, with the exit codes of the other commands: 130 interrupted, 3 an unexpected error (1 is a failed gate)."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("adapt/sft.py: interrupted; relaunch the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug of ours, or an environment we did not foresee (out of memory, ...)
+        return crashed("adapt/sft.py", error)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run(sys.argv[1:]))

@@ -17,10 +17,12 @@ from ladder.checkpoint import (
     CheckpointError,
     Source,
     check_apart,
-    check_layer_tensors,
+    check_tensors,
     check_output,
     copy_side_files,
+    crashed,
     find_shards,
+    first_line,
     hash_shards,
     link_or_copy,
     output_lock,
@@ -139,7 +141,7 @@ def convert(
     if placement == "measured" and not 1 <= calibration_chats <= TRAIN.stop:
         raise ConvertError(f"--calibration-chats must be from 1 to {TRAIN.stop} (Alpaca's training rows), not {calibration_chats}")
     shards = find_shards(resolved.directory)
-    check_layer_tensors(resolved.directory, shards, config["num_hidden_layers"])
+    check_tensors(resolved.directory, shards, config)
     with output_lock(output, "--output"):
         check_output(output, overwrite, "--output")  # again: a run of ours may have written it meanwhile
         measured = None
@@ -168,8 +170,7 @@ def run_after_convert_gate(candidate: Path, source: Source, gates_file: Path):
     try:
         return run_gate(candidate, "after_convert", str(source.directory), gates_file)
     except Exception as error:  # bad input, or a crash (out of memory, ...): exit code 2, never "gate failed"
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConvertError(f"{candidate} was written, but its after_convert gate could not run: {reason}") from None
+        raise ConvertError(f"{candidate} was written, but its after_convert gate could not run: {first_line(error)}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ladder-convert: interrupted; nothing half-written was left", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug of ours, or an environment we did not foresee
+        return crashed("ladder-convert", error)
     print(output)
     return 0
 

@@ -17,7 +17,9 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
+import traceback
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,7 +30,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import LadderLlamaConfig, __version__
+from . import LadderLlamaConfig, __version__, cache_root
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 MODELING_FILES = ("configuration_ladder_llama.py", "modeling_ladder_llama.py")  # shipped as remote code
@@ -50,6 +52,11 @@ AT_FDCWD, RENAME_NOREPLACE = -100, 1  # <fcntl.h>, <linux/fs.h>
 
 class CheckpointError(ValueError):
     """A missing, malformed or unreachable checkpoint: reported as one line, exit code 2."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line: the first of its message, or its type when it has none."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 @dataclass
@@ -119,11 +126,8 @@ def read_json_object(path: Path, missing: str) -> dict:
 def find_shards(directory: Path) -> list[str]:
     """The safetensors shard names, from the index when there is one."""
     index_file = directory / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            shards = sorted(set(json.loads(checked_file(index_file).read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-            raise CheckpointError(f"{index_file} is not a valid safetensors index") from None
+    if os.path.lexists(index_file):
+        shards = sorted(set(read_weight_map(directory).values()))
     elif (directory / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     elif any(fnmatch.fnmatch(f.name, p) for f in directory.iterdir() for p in PICKLE_WEIGHTS):
@@ -144,21 +148,106 @@ def find_shards(directory: Path) -> list[str]:
     return shards
 
 
-def shard_tensor_names(path: Path) -> set[str]:
-    """The tensors in a shard. safetensors checks the header, and that it covers the file exactly (truncation)."""
+def read_weight_map(directory: Path) -> dict[str, str]:
+    """The index's {tensor name: shard name}."""
+    index_file = directory / "model.safetensors.index.json"
+    weight_map = read_json_object(index_file, "").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_file} is not a valid safetensors index (weight_map: tensor name -> shard name)")
+    return weight_map
+
+
+def shard_tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """The tensors in a shard and their shapes, from its header. safetensors checks the header, and that it covers
+    the file exactly (truncation)."""
     try:
         with safe_open(path, framework="pt") as shard:
-            return set(shard.keys())
+            return {name: shard.get_slice(name).get_shape() for name in shard.keys()}
     except SafetensorError as error:
         raise CheckpointError(f"{path.name} is truncated or corrupted, not a valid safetensors file ({error})") from None
 
 
-def check_layer_tensors(directory: Path, shards: list[str], num_layers: int) -> None:
-    """Every shard is sound, and the shards hold exactly the decoder layers config.json declares."""
-    names = set().union(*(shard_tensor_names(directory / shard) for shard in shards))
-    found = {int(m[1]) for name in names if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+def check_tensors(directory: Path, shards: list[str], config: dict) -> None:
+    """From the shards' headers, no weight loaded: every shard is sound, no tensor is in two shards, the index says
+    where each tensor is, and the shards hold exactly the decoder layers config.json declares, in its shapes."""
+    expected = expected_shapes(config)
+    where: dict[str, str] = {}
+    shapes: dict[str, list[int]] = {}
+    for shard in shards:
+        for name, shape in shard_tensor_shapes(directory / shard).items():
+            if name in where:
+                raise CheckpointError(f"tensor {name} is in two shards, {where[name]} and {shard}")
+            where[name], shapes[name] = shard, shape
+    if os.path.lexists(directory / "model.safetensors.index.json"):
+        check_index(read_weight_map(directory), where)
+    num_layers = config["num_hidden_layers"]
+    found = {int(m[1]) for name in where if (m := re.match(r"model\.layers\.(\d+)\.", name))}
     if found != set(range(num_layers)):
         raise CheckpointError(f"the shards hold {len(found)} decoder layers, config.json says num_hidden_layers={num_layers}")
+    for name, shape in expected.items():
+        if name in shapes and list(shapes[name]) != list(shape):
+            raise CheckpointError(f"tensor {name} has shape {list(shapes[name])}, config.json implies {list(shape)}")
+
+
+def check_index(weight_map: dict[str, str], where: dict[str, str]) -> None:
+    """The index names every tensor of the shards, each in the shard that holds it."""
+    for name, shard in weight_map.items():
+        if where.get(name) != shard:
+            raise CheckpointError(f"the index puts tensor {name} in {shard}, which does not hold it")
+    unindexed = sorted(set(where) - set(weight_map))
+    if unindexed:
+        raise CheckpointError(f"tensor {unindexed[0]} of {where[unindexed[0]]} is not in the index")
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The Llama weights' shapes that config.json implies."""
+    keys = ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads", "num_hidden_layers")
+    bad = [key for key in keys if not positive_int(config.get(key))]
+    if bad:
+        raise CheckpointError(f"config.json has no valid {bad[0]} (a positive integer)")
+    hidden, inner, vocab, heads, num_layers = (config[key] for key in keys)
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = (config.get("num_key_value_heads") or heads) * head_dim
+    layer = {
+        "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (heads * head_dim, hidden), "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, heads * head_dim),
+        "mlp.gate_proj.weight": (inner, hidden), "mlp.up_proj.weight": (inner, hidden), "mlp.down_proj.weight": (hidden, inner),
+    }  # fmt: skip
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for index in range(num_layers):
+        shapes |= {f"model.layers.{index}.{name}": shape for name, shape in layer.items()}
+    return shapes
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive_int(value: object) -> bool:
+    return is_int(value) and value > 0
+
+
+def read_ladder_config(directory: Path) -> dict:
+    """`config.json` of a ladder checkpoint, its ladder layers checked."""
+    config = read_json_object(directory / "config.json", "not a transformers checkpoint")
+    if config.get("model_type") != LadderLlamaConfig.model_type:
+        raise CheckpointError(
+            f"{directory} is not a ladder checkpoint (model type {config.get('model_type')!r}): run ladder-convert"
+        )
+    check_ladder_layers(config, directory / "config.json")
+    return config
+
+
+def check_ladder_layers(config: dict, config_file: Path) -> list[int]:
+    """A ladder config's `ladder_layers`: distinct decoder layer indices."""
+    layers, count = config.get("ladder_layers"), config.get("num_hidden_layers")
+    if not positive_int(count):
+        raise CheckpointError(f"{config_file}: num_hidden_layers {count!r} is not a positive integer")
+    indices = isinstance(layers, list) and all(is_int(i) and 0 <= i < count for i in layers)
+    if not indices or len(set(layers)) != len(layers):
+        raise CheckpointError(f"{config_file}: ladder_layers {layers!r} are not distinct layer indices from 0 to {count - 1}")
+    return layers
 
 
 def sha256_of(path: Path, progress: tqdm) -> str:
@@ -420,6 +509,21 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def crashed(prog: str, error: Exception) -> int:
+    """An unexpected exception: one line on stderr, the traceback in a log file, exit code 3 (1 means only that a
+    gate failed)."""
+    log = cache_root() / "logs" / f"{prog.replace('/', '-')}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(error)))
+        where = f"traceback in {log}"
+    except OSError:
+        traceback.print_exception(error)
+        where = "traceback above"
+    print(f"{prog}: internal error: {type(error).__name__}: {first_line(error)} ({where})", file=sys.stderr)
+    return 3
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ladder import LadderLlamaConfig, __version__
+from ladder import __version__
 from ladder.checkpoint import (
     HUB_ID,
     MODEL_CODE_DIR,
@@ -25,13 +25,16 @@ from ladder.checkpoint import (
     SIDE_FILES,
     CheckpointError,
     check_apart,
-    check_layer_tensors,
+    check_tensors,
     check_output,
     copy_side_files,
+    crashed,
+    first_line,
     find_shards,
     link_or_copy,
     output_lock,
     read_json_object,
+    read_ladder_config,
     read_provenance,
     scratch,
     shard_hashes,
@@ -45,7 +48,7 @@ from ladder.gates import GateUsageError, load_gates_file, report
 from ladder.gates.config import DEFAULT_GATES_FILE
 from ladder.gates.report import Report, Row
 
-from .card import LICENSE_FILES, CardFacts, License, build_card, detect_license
+from .card import LICENSE_FILES, CardFacts, License, build_card, check_license_option, detect_license
 
 CONVERTED_GATE = "after_convert"  # the gate ladder-convert runs on the converted checkpoint
 EVIDENCE_FILES = (*report.report_files(), "training_curves.png")
@@ -81,9 +84,16 @@ def publish(
     base_model: str | None = None,
     license_id: str | None = None,
     gates_file: Path = DEFAULT_GATES_FILE,
+    license_link: str | None = None,
 ) -> str:
     """Export to `export` or upload to `repo_id` (exactly one); returns the folder or the repository's URL."""
     target = Path(export).expanduser().absolute() if export else None
+    if target and any(ord(c) < 32 for c in str(target)):  # the folder's name is the card's title
+        raise PublishError(f"--export {str(target)!r} holds control characters (a newline, ...): choose another name")
+    try:
+        check_license_option(license_id, license_link)
+    except ValueError as error:
+        raise PublishError(str(error)) from None
     if repo_id:
         check_repo_id(repo_id)
         check_hub(repo_id, overwrite)
@@ -101,7 +111,7 @@ def publish(
         raise GateRefused(f"{checkpoint.directory} is not published: {problem} (or pass --force)")
 
     converted, original = ancestors(checkpoint)
-    license = detect_license([checkpoint.directory, *filter(None, (converted, original))], license_id)
+    license = detect_license([checkpoint.directory, *filter(None, (converted, original))], license_id, license_link)
     check_license_terms(license, repo_id.split("/")[1] if repo_id else None)
     facts = CardFacts(
         name=repo_id.split("/")[1] if repo_id else target.name,
@@ -158,17 +168,12 @@ def check_hub(repo_id: str, overwrite: bool) -> None:
 def read_checkpoint(directory: Path) -> Checkpoint:
     if not directory.is_dir():
         raise PublishError(f"{directory}: no such directory")
-    config = read_json_object(directory / "config.json", "not a transformers checkpoint")
-    ladder_fields = isinstance(config.get("ladder_layers"), list) and isinstance(config.get("num_hidden_layers"), int)
-    if config.get("model_type") != LadderLlamaConfig.model_type or not ladder_fields:
-        raise PublishError(
-            f"{directory} is not a ladder checkpoint (model type {config.get('model_type')!r}): run ladder-convert"
-        )
+    config = read_ladder_config(directory)
     provenance = read_provenance(directory)
     if not (directory / "tokenizer_config.json").is_file():
         raise PublishError(f"{directory} has no tokenizer (tokenizer_config.json): save the tokenizer beside the model")
     shards = find_shards(directory)
-    check_layer_tensors(directory, shards, config["num_hidden_layers"])
+    check_tensors(directory, shards, config)
     recorded = provenance.get("shards_sha256")
     if not isinstance(recorded, dict) or sorted(recorded) != shards:
         raise CheckpointError(f"{directory / PROVENANCE_FILE} does not record the sha256 of each shard {shards}")
@@ -334,10 +339,6 @@ def hub_errors(repo_id: str):
         ) from None
 
 
-def first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ladder-publish", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="the healed checkpoint directory (e.g. runs/NAME-adapted/final)")
@@ -352,12 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export folder or Hub repository")
     parser.add_argument("--base-model", help="the original's Hub id, when the provenance names a local directory")
     parser.add_argument("--license", help="the base model's Hub license id, when its files do not say it")
+    parser.add_argument("--license-link", help="with --license other: the address of the license's text")
     args = parser.parse_args(argv)
     try:
         with unwind_on_termination():
             published = publish(
                 args.model, args.repo_id, args.export, args.gate, args.force, args.overwrite, args.private,
-                args.base_model, args.license, args.gates_file,
+                args.base_model, args.license, args.gates_file, args.license_link,
             )  # fmt: skip
     except GateRefused as refusal:
         print(f"ladder-publish: {refusal}", file=sys.stderr)
@@ -370,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             "ladder-publish: interrupted; no export folder was written (a Hub upload may be partial)", file=sys.stderr
         )
         return 130
+    except Exception as error:  # a bug of ours, or an environment we did not foresee
+        return crashed("ladder-publish", error)
     print(published)
     return 0
 
