@@ -46,8 +46,8 @@ class Report:
     thresholds: dict | None  # the gate's, as the gates file set them
 
 
-ROW_TYPES = {"metric": (str,), "reference": (int, float), "candidate": (int, float), "delta": (int, float),
-             "threshold": (str,), "passed": (bool, type(None))}  # fmt: skip
+NUMBER, TEXT, VERDICT = ((int, float), "a number"), ((str,), "text"), ((bool, type(None)), "true, false or null")
+ROW_TYPES = {"metric": TEXT, "reference": NUMBER, "candidate": NUMBER, "delta": NUMBER, "threshold": TEXT, "passed": VERDICT}
 
 
 def report_files(gate: str = "*") -> tuple[str, str]:
@@ -99,7 +99,7 @@ def read(directory: Path, gate: str) -> Report | None:
 def checked_row(row: dict) -> Row:
     if not isinstance(row, dict) or row.keys() != ROW_TYPES.keys():
         raise TypeError(f"a row is not {{{', '.join(ROW_TYPES)}}}")
-    for field, types in ROW_TYPES.items():
+    for field, (types, kind) in ROW_TYPES.items():
         if not isinstance(row[field], types) or (isinstance(row[field], bool) and bool not in types):
-            raise TypeError(f"{field} {row[field]!r} of row {row['metric']!r} is not a {types[0].__name__}")
+            raise TypeError(f"{field} {row[field]!r} of row {row['metric']!r} is not {kind}")
     return Row(**row)

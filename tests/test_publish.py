@@ -18,14 +18,12 @@ from urllib.parse import urlparse
 
 import pytest
 import torch
-from conftest import leftovers, read_json, save_tiny_checkpoint, tiny_llama
+from conftest import leftovers, read_json, save_tiny_checkpoint, tiny_llama, tiny_tokenizer, write_gate_report
 from huggingface_hub import ModelCard, constants
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from ladder.checkpoint import MODEL_CODE_DIR, MODELING_FILES, PROVENANCE_FILE, find_shards, shard_hashes
 from ladder.convert.converter import convert
-from ladder.gates import load_gates_file, report
 from ladder.publish import cli
 from ladder.publish.card import License, detect_license
 
@@ -36,29 +34,6 @@ TRAINING_DATA = [
     {"path": "tatsu-lab/alpaca", "name": None, "data_dir": None, "data_files": None, "split": "train", "columns": None},
     {"path": "json", "data_files": "gates/data/alpaca_5000.json", "split": "train[:4500]"},
 ]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the tiny Llama's 96 ids, with a chat template."""
-    words = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(93))]
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>",
-        chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}",
-    )  # fmt: skip
-
-
-def write_gate_report(directory: Path, gate: str, kl: float) -> None:
-    """A well-formed report of the model in `directory`, as gates/report.py writes it, on the metrics of the default
-    gates: after_adapt passes with kl <= 0.05."""
-    metrics = {"kl": (0.0, kl), "top1_agreement": (1.0, 0.96), "response_perplexity": (2.0, 2.02),
-               "arc_easy_local/acc": (0.5, 0.5)}  # fmt: skip
-    thresholds = load_gates_file().gates[gate]
-    rows = report.judge(metrics, thresholds)
-    facts = {"candidate": str(directory), "reference": "tiny-original", "thresholds": thresholds,
-             "shards_sha256": read_json(directory / PROVENANCE_FILE)["shards_sha256"]}  # fmt: skip
-    report.write(directory, gate, rows, facts)
 
 
 @pytest.fixture(scope="module")
