@@ -6,7 +6,7 @@ the tokenizer, chat template and generation config, `ladder_provenance.json`, th
 license texts and a model card (`README.md`). A model whose gate report (`--gate`, default after_adapt) is missing or
 failed is refused unless `--force`, which the card then states. The folder is built in a temporary directory beside
 its target and renamed, or uploaded, at the end. Exit codes: 0 published, 1 refused by the gate, 2 bad input, an
-existing target, or a Hub that is offline, unreachable or refusing.
+existing target, or a Hub that is offline, unreachable or refusing, 130 interrupted, 3 an unexpected error.
 """
 
 import argparse
