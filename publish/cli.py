@@ -105,7 +105,7 @@ def publish(
     if target:
         check_apart(target, checkpoint.directory, "--export")
     thresholds = gate_thresholds(gates_file, gate)
-    rows = judged_rows(report.read(checkpoint.directory, gate), checkpoint, gate, thresholds)
+    rows = judged_rows(checkpoint, gate, thresholds)
     problem = gate_problem(rows, gate)
     if problem and not force:
         raise GateRefused(f"{checkpoint.directory} is not published: {problem} (or pass --force)")
@@ -190,18 +190,26 @@ def gate_thresholds(gates_file: Path, gate: str) -> dict:
     return gates[gate]
 
 
-def judged_rows(verdict: Report | None, checkpoint: Checkpoint, gate: str, thresholds: dict) -> list[Row] | None:
+def bound_report(directory: Path, provenance: dict, gate: str) -> Report | None:
+    """The gate's report in `directory`, which must be about these weights (its shard hashes are the provenance's)
+    and have measured something; None when there is none."""
+    verdict = report.read(directory, gate)
+    where = directory / report.report_files(gate)[0]
+    if verdict and not verdict.rows:
+        raise CheckpointError(f"{where} has no rows: it measured nothing")
+    if verdict and verdict.shards_sha256 != provenance.get("shards_sha256"):
+        raise CheckpointError(
+            f"{where} is about other weights (its shard hashes are not the provenance's): run ladder-eval --gate {gate} on {directory}"
+        )
+    return verdict
+
+
+def judged_rows(checkpoint: Checkpoint, gate: str, thresholds: dict) -> list[Row] | None:
     """The report's measurements judged again by the gates file, so the verdict written in the report counts for
-    nothing; the report must be about these weights (its shard hashes are the provenance's). None without a report."""
+    nothing. None without a report."""
+    verdict = bound_report(checkpoint.directory, checkpoint.provenance, gate)
     if verdict is None:
         return None
-    where = checkpoint.directory / report.report_files(gate)[0]
-    if not verdict.rows:
-        raise CheckpointError(f"{where} has no rows: it measured nothing")
-    if verdict.shards_sha256 != checkpoint.provenance["shards_sha256"]:
-        raise CheckpointError(
-            f"{where} is about other weights (its shard hashes are not the provenance's): run ladder-eval --gate {gate} on this model"
-        )
     measured = {row.metric: (row.reference, row.candidate) for row in verdict.rows if row.threshold != "not measured"}
     return report.judge(measured, thresholds)
 
@@ -216,7 +224,8 @@ def gate_problem(rows: list[Row] | None, gate: str) -> str | None:
 
 
 def converted_rows(converted: Path | None) -> list[Row] | None:
-    verdict = report.read(converted, CONVERTED_GATE) if converted else None
+    """The converted ancestor's after_convert rows, for the card: shown as measured, and only about its weights."""
+    verdict = bound_report(converted, read_provenance(converted), CONVERTED_GATE) if converted else None
     return verdict.rows if verdict else None
 
 

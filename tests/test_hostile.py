@@ -109,9 +109,17 @@ def failing_report_marked_passed(model: Path) -> None:
     edit_json(model / "ladder_gate_after_adapt.json", report_rows(lambda rows: [row.update(passed=True) for row in rows]))
 
 
-def another_models_report(model: Path) -> None:
-    edit_json(model / "ladder_gate_after_adapt.json",
+def another_models_report(model: Path, gate: str = "after_adapt") -> None:
+    edit_json(model / f"ladder_gate_{gate}.json",
               lambda report: report["shards_sha256"].update({first_shard(model).name: "0" * 64}))  # fmt: skip
+
+
+def converted_ancestor_with_another_models_report(w) -> None:
+    """The model healed from a converted copy whose after_convert report is about other weights."""
+    converted = Path(shutil.copytree(w.model, w.tmp / "converted"))
+    write_gate_report(converted, "after_convert", kl=1.6)
+    another_models_report(converted, "after_convert")
+    edit_json(w.model / PROVENANCE_FILE, lambda provenance: provenance.update(adaptation={"converted_model": str(converted)}))
 
 
 def broken_data(path: Path, content: bytes) -> Path:
@@ -234,6 +242,9 @@ CASES = [
          2, "has no rows"),
     Case("publish: another model's report", "ladder-publish",
          lambda w: (another_models_report(w.model), publish_args(w))[1], 2, "is about other weights"),
+    Case("publish: the converted model's report is another model's", "ladder-publish",
+         lambda w: (converted_ancestor_with_another_models_report(w), publish_args(w))[1], 2,
+         "ladder_gate_after_convert.json is about other weights"),
     Case("publish: a string metric value", "ladder-publish",
          lambda w: (edit_json(w.model / "ladder_gate_after_adapt.json", report_rows(lambda rows: rows[0].update(candidate="0.01"))), publish_args(w))[1],
          2, "is not a gate report (candidate '0.01' of row 'kl' is not a number)"),
