@@ -6,7 +6,7 @@
 Training stops after `max_train_tokens` non-padding tokens. Relaunching the same command after an interruption
 resumes from the last checkpoint in `output_dir`. The healed model (LoRA merged), its provenance, the gate reports
 and a plot of the curves go to `output_dir/final`; the `gate_after` verdict is the exit code (0 pass, 1 fail, 2 bad
-recipe).
+recipe, data or model, 130 interrupted, 3 an unexpected error).
 """
 
 import math
