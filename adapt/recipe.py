@@ -4,6 +4,7 @@ on the command line: `python adapt/sft.py recipes/smollm2-135m.yaml --learning_r
 """
 
 import argparse
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -13,7 +14,15 @@ import yaml
 from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, TrlParser
 
 from ladder.adapt.alignment import INPUTS
-from ladder.checkpoint import PROVENANCE_FILE, read_json_object, read_provenance
+from ladder.checkpoint import (
+    PROVENANCE_FILE,
+    check_apart,
+    check_tensors,
+    find_shards,
+    read_ladder_config,
+    read_provenance,
+    side_files,
+)
 
 TEMPLATES = ("none", "alpaca", "sharegpt")
 
@@ -91,8 +100,8 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"distill_alpha must be in [0, 1], not {ladder.distill_alpha}")
     if ladder.distill_temperature <= 0:
         raise RecipeError(f"distill_temperature must be positive, not {ladder.distill_temperature}")
-    if ladder.max_train_tokens <= 0:
-        raise RecipeError(f"max_train_tokens must be positive, not {ladder.max_train_tokens}")
+    if not (math.isfinite(ladder.max_train_tokens) and ladder.max_train_tokens > 0):
+        raise RecipeError(f"max_train_tokens must be a positive number, not {ladder.max_train_tokens}")
     if not 0 <= ladder.align_tokens <= ladder.max_train_tokens:
         raise RecipeError(f"align_tokens must be in [0, max_train_tokens], not {ladder.align_tokens}")
     if ladder.align_tokens < 1:  # a share of the budget, as transformers reads warmup_steps below 1
@@ -137,8 +146,10 @@ def check_files(recipe: Recipe) -> None:
     if recipe.ladder.dry_run and not model_dir.exists():
         print(f"note: {model_dir} does not exist yet: the plan assumes it will be converted first")
         return
-    if read_json_object(model_dir / "config.json", "not a checkpoint directory").get("model_type") != "ladder_llama":
-        raise RecipeError(f"{model_dir} is not a ladder checkpoint: convert it with ladder-convert first")
+    config = read_ladder_config(model_dir)
+    check_tensors(model_dir, find_shards(model_dir), config)
+    side_files(model_dir)
+    check_apart(Path(recipe.training.output_dir), model_dir, "output_dir")  # its checkpoints and README.md
     has_provenance = (model_dir / PROVENANCE_FILE).is_file()
     provenance = read_provenance(model_dir) if has_provenance else {}  # adapt/sft.py extends it at the end
     if not (recipe.ladder.reference or provenance):

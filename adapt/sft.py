@@ -6,17 +6,20 @@
 Training stops after `max_train_tokens` non-padding tokens. Relaunching the same command after an interruption
 resumes from the last checkpoint in `output_dir`. The healed model (LoRA merged), its provenance, the gate reports
 and a plot of the curves go to `output_dir/final`; the `gate_after` verdict is the exit code (0 pass, 1 fail, 2 bad
-recipe).
+recipe, data or model, 130 interrupted, 3 an unexpected error).
 """
 
 import math
+import os
 import sys
+from contextlib import nullcontext
 import time
+import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import ladder.adapt.packed_attention  # noqa: F401  (registers attn_implementation "sdpa_packed")
@@ -37,8 +40,22 @@ from ladder.adapt.trainer import (
     lora_config,
     share_trunk,
 )
-from ladder.checkpoint import PROVENANCE_FILE, CheckpointError, read_provenance, staged, tool_stamp, write_provenance
+from ladder.checkpoint import (
+    PROVENANCE_FILE,
+    CheckpointError,
+    crashed,
+    find_shards,
+    output_lock,
+    read_json_object,
+    read_provenance,
+    shard_hashes,
+    shard_tensor_shapes,
+    staged,
+    tool_stamp,
+    write_provenance,
+)
 from ladder.gates import GateUsageError, load_gates_file, run_gate
+from ladder.gates.evaluate import load_chat_tokenizer
 from ladder.gates.config import DEFAULT_GATES_FILE, fidelity_targets
 
 
@@ -48,21 +65,36 @@ def main(argv: list[str]) -> int:
     try:
         recipe = parse_recipe(argv)
         if recipe.ladder.dry_run:
-            # Without the data at hand, a sequence is counted at max_length (exact with packing).
-            print_plan(recipe, recipe.training.max_length, recipe.ladder.dry_run_processes)
-            if not print_memory_plan(recipe):
-                raise RecipeError(f"the run does not fit {recipe.ladder.dry_run_device_gb:g} GB per device (plan above)")
-            return 0
-        dataset = load_training_data(recipe.data, recipe.ladder.dataset_template)
-        before = gate(recipe, recipe.model.model_name_or_path, recipe.ladder.gate_before)
+            return dry_run(recipe)
+        with output_dir_lock(Path(recipe.training.output_dir)):
+            return heal(recipe, start)
     except (RecipeError, GateUsageError, CheckpointError) as error:
         fail(error)
 
+
+def dry_run(recipe: Recipe) -> int:
+    # Without the data at hand, a sequence is counted at max_length (exact with packing).
+    print_plan(recipe, recipe.training.max_length, recipe.ladder.dry_run_processes)
+    if not print_memory_plan(recipe):
+        raise RecipeError(f"the run does not fit {recipe.ladder.dry_run_device_gb:g} GB per device (plan above)")
+    return 0
+
+
+def output_dir_lock(output_dir: Path):
+    """The first process holds output_dir for the whole run: a second launch on it is refused at once."""
+    first = int(os.environ.get("RANK", "0")) == 0
+    return output_lock(output_dir, "output_dir") if first else nullcontext()
+
+
+def heal(recipe: Recipe, start: float) -> int:
+    dataset = load_training_data(recipe.data, recipe.ladder.dataset_template)
+    tokenizer = load_chat_tokenizer(Path(recipe.model.model_name_or_path), "model")
+    last_checkpoint = last_complete_checkpoint(recipe.training.output_dir)
+    before = gate(recipe, recipe.model.model_name_or_path, recipe.ladder.gate_before)
     shard_cpu_processes()
-    trainer = build_trainer(recipe, dataset)
+    trainer = build_trainer(recipe, dataset, tokenizer)
     tokens_per_sequence = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) / len(trainer.train_dataset)
     trainer.args.max_steps = print_plan(recipe, tokens_per_sequence, trainer.args.world_size)
-    last_checkpoint = last_complete_checkpoint(recipe.training.output_dir)
     if last_checkpoint:
         print(f"resuming from {last_checkpoint}")
     trainer.train(resume_from_checkpoint=last_checkpoint)
@@ -78,7 +110,7 @@ def main(argv: list[str]) -> int:
     return 0 if after is None or after.passed else 1
 
 
-def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
+def build_trainer(recipe: Recipe, dataset, tokenizer) -> DistillingSFTTrainer:
     ladder, args = recipe.ladder, recipe.training
     args.include_num_input_tokens_seen = "non_padding"  # the token budget counts these
     if args.activation_checkpointing and args.ddp_find_unused_parameters is None:
@@ -107,7 +139,7 @@ def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
         model=model,
         args=args,
         train_dataset=dataset,
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[TokenBudget(int(ladder.max_train_tokens)), TrainingClock()],
         teacher=teacher,
@@ -119,11 +151,36 @@ def build_trainer(recipe: Recipe, dataset) -> DistillingSFTTrainer:
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint the Trainer finished writing. It writes trainer_state.json last, so a run killed while
-    saving leaves a newer folder without it, which transformers' get_last_checkpoint would pick and fail on."""
+    """The newest checkpoint the Trainer finished writing, checked. It writes trainer_state.json last, so a run
+    killed while saving leaves a newer folder without it, which transformers' get_last_checkpoint would pick and fail
+    on."""
     finished = [state.parent for state in Path(output_dir).glob("checkpoint-*/trainer_state.json")]
     steps = {int(folder.name.removeprefix("checkpoint-")): folder for folder in finished if folder.name[11:].isdigit()}
-    return str(steps[max(steps)]) if steps else None
+    if not steps:
+        return None
+    newest, *earlier = sorted(steps, reverse=True)
+    problem = checkpoint_problem(steps[newest])
+    if problem:  # a relaunch would fail on it forever; it is the user's to remove
+        instead = f"resume from {steps[earlier[0]].name}" if earlier else "start afresh"
+        raise RecipeError(f"the latest checkpoint {steps[newest]} is corrupt ({problem}): move it out of output_dir to {instead}")
+    return str(steps[newest])
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the Trainer could not resume from `folder`, from what can be checked without loading it."""
+    try:
+        read_json_object(folder / "trainer_state.json", "")
+    except CheckpointError:
+        return "trainer_state.json is not a JSON object"
+    for path in sorted(folder.rglob("*")):
+        if path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):  # torch.save writes zip archives
+            return f"{path.relative_to(folder)} is truncated or not a torch file"
+        if path.suffix == ".safetensors":
+            try:
+                shard_tensor_shapes(path)
+            except CheckpointError:
+                return f"{path.relative_to(folder)} is truncated or corrupted"
+    return None
 
 
 def print_plan(recipe: Recipe, tokens_per_sequence: float, processes: int) -> int:
@@ -189,13 +246,26 @@ def save_final(model, trainer, recipe: Recipe, seconds: float) -> Path:
         "wall_time_s": round(seconds, 1),
         "versions": {name: version(name) for name in ("torch", "transformers", "trl", "peft", "accelerate")},
     }
-    with staged(final) as partial:
+    with staged(final, overwrite=True, option="output_dir") as partial:
         model.save_pretrained(partial)
         trainer.processing_class.save_pretrained(partial)
         converted = read_provenance(source_dir) if (source_dir / PROVENANCE_FILE).is_file() else {"source": adaptation["reference"]}
-        write_provenance(partial, converted | {"adaptation": adaptation | tool_stamp("adapt/sft.py")})
+        adaptation["converted_shards_sha256"] = converted.get("shards_sha256")
+        weights = shard_hashes(partial, find_shards(partial))  # this model's own, as a gate report records them
+        write_provenance(partial, converted | {"shards_sha256": weights, "adaptation": adaptation | tool_stamp("adapt/sft.py")})
     return final
 
 
+def run(argv: list[str]) -> int:
+    """main, with the exit codes of the other commands: 130 interrupted, 3 an unexpected error (1 is a failed gate)."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("adapt/sft.py: interrupted; relaunch the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug of ours, or an environment we did not foresee (out of memory, ...)
+        return crashed("adapt/sft.py", error)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run(sys.argv[1:]))

@@ -17,12 +17,15 @@ from ladder.checkpoint import (
     CheckpointError,
     Source,
     check_apart,
-    check_layer_tensors,
+    check_tensors,
     check_output,
-    copy_matching,
+    copy_side_files,
+    crashed,
     find_shards,
+    first_line,
     hash_shards,
     link_or_copy,
+    output_lock,
     read_json_object,
     resolve_source,
     staged,
@@ -91,7 +94,7 @@ def write_checkpoint(
     source: Source, config: dict, layers: list[int], shards: list[str], target: Path, placement: dict | None = None
 ) -> None:
     how = {link_or_copy(source.directory / name, target / name) for name in shards}
-    copy_matching(source.directory, target, ("model.safetensors.index.json", *SIDE_FILES))
+    copy_side_files(source.directory, target, ("model.safetensors.index.json", *SIDE_FILES))
     write_ladder_config(target, config, layers)
     hashes = hash_shards([target / name for name in shards])
     for name, sha256 in zip(shards, hashes):
@@ -138,15 +141,16 @@ def convert(
     if placement == "measured" and not 1 <= calibration_chats <= TRAIN.stop:
         raise ConvertError(f"--calibration-chats must be from 1 to {TRAIN.stop} (Alpaca's training rows), not {calibration_chats}")
     shards = find_shards(resolved.directory)
-    check_layer_tensors(resolved.directory, shards, config["num_hidden_layers"])
-    measured = None
-    if placement == "measured":
-        layers, measured = measured_placement(resolved.directory, config, len(layers), calibration_chats)
-
-    with staged(output) as staging:
-        write_checkpoint(resolved, config, layers, shards, staging, measured)
-    # The checkpoint is complete: a failed gate, or one that cannot run, leaves it in place with the reason.
-    verdict = run_after_convert_gate(output, resolved, gates_file) if gates_file else None
+    check_tensors(resolved.directory, shards, config)
+    with output_lock(output, "--output"):
+        check_output(output, overwrite, "--output")  # again: a run of ours may have written it meanwhile
+        measured = None
+        if placement == "measured":
+            layers, measured = measured_placement(resolved.directory, config, len(layers), calibration_chats)
+        with staged(output, overwrite=overwrite) as staging:
+            write_checkpoint(resolved, config, layers, shards, staging, measured)
+        # The checkpoint is complete: a failed gate, or one that cannot run, leaves it in place with the reason.
+        verdict = run_after_convert_gate(output, resolved, gates_file) if gates_file else None
     if verdict and not verdict.passed:
         raise GateFailed(f"{output} was written, but its after_convert gate failed on: {', '.join(verdict.failing)}")
     return output
@@ -166,8 +170,7 @@ def run_after_convert_gate(candidate: Path, source: Source, gates_file: Path):
     try:
         return run_gate(candidate, "after_convert", str(source.directory), gates_file)
     except Exception as error:  # bad input, or a crash (out of memory, ...): exit code 2, never "gate failed"
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConvertError(f"{candidate} was written, but its after_convert gate could not run: {reason}") from None
+        raise ConvertError(f"{candidate} was written, but its after_convert gate could not run: {first_line(error)}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ladder-convert: interrupted; nothing half-written was left", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug of ours, or an environment we did not foresee
+        return crashed("ladder-convert", error)
     print(output)
     return 0
 

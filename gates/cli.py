@@ -1,8 +1,11 @@
 """`ladder-eval CANDIDATE --gate NAME [--reference ORIGINAL]`: exit 0 when the gate passes, 1 when it fails, 2 on bad
-usage. The report is written as JSON and Markdown into the candidate's directory."""
+usage, 130 when interrupted, 3 on an unexpected error. The report is written as JSON and Markdown into the
+candidate's directory."""
 
 import argparse
 import sys
+
+from ladder.checkpoint import CheckpointError, crashed
 
 from .config import DEFAULT_GATES_FILE, GateUsageError
 from .evaluate import run_gate
@@ -22,9 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         verdict = run_gate(args.candidate, args.gate, args.reference, args.gates_file, args.device, args.dtype,
                            use_cache=not args.no_cache)  # fmt: skip
-    except GateUsageError as error:
+    except (GateUsageError, CheckpointError, OSError) as error:
         print(f"ladder-eval: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ladder-eval: interrupted; no report was written", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug of ours, or an environment we did not foresee
+        return crashed("ladder-eval", error)
     if not verdict.passed:
         print(f"ladder-eval: gate {args.gate} failed on: {', '.join(verdict.failing)}", file=sys.stderr)
         return 1

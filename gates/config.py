@@ -13,6 +13,7 @@
 A section left out of the suite is not measured. Every key is checked: an unknown one is an error naming it.
 """
 
+import re
 from dataclasses import asdict, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -24,6 +25,7 @@ from pydantic.dataclasses import dataclass
 from .alpaca import HELDOUT
 
 DEFAULT_GATES_FILE = Path(__file__).with_name("default_gates.yaml")
+GATE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 FIDELITY_METRICS = ("kl", "top1_agreement", "response_perplexity")
 GENERATION_METRICS = ("generation_exact_match", "generation_common_prefix")
 # How each kind of threshold judges (reference, candidate); accuracies are fractions, drops are in points.
@@ -116,6 +118,8 @@ def load_gates_file(path: Path | str = DEFAULT_GATES_FILE) -> GatesFile:
         raise GateConfigError(f"{where}: {first_problem(error)}") from None
     known = gates.suite.metric_names()
     for name, thresholds in gates.gates.items():
+        if not GATE_NAME.fullmatch(name):  # it names the report files
+            raise GateConfigError(f"{where}: gate name {name!r} may hold only letters, digits, '_', '-' and '.'")
         unknown = sorted(set(thresholds) - set(known))
         if unknown:
             raise GateConfigError(f"{where}: gates.{name}: unknown key {unknown[0]!r} (the suite measures: {', '.join(known)})")

@@ -18,11 +18,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ladder
 from ladder.checkpoint import (
     CheckpointError,
+    check_ladder_layers,
+    check_tensors,
     find_shards,
+    first_line,
     hash_shards,
     read_json_object,
     read_provenance,
     resolve_source,
+    shard_hashes,
+    side_files,
     staged,
 )
 
@@ -31,6 +36,7 @@ from .config import DEFAULT_GATES_FILE, GatesFile, GateUsageError, load_gates_fi
 from .alpaca import DATA_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
+SAMPLE_CHAT = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
 
 
 class EvalUsageError(GateUsageError):
@@ -70,7 +76,8 @@ def run_gate(
         reference_name, reference_dir = _check_models(candidate, reference)
     except CheckpointError as error:
         raise EvalUsageError(str(error)) from None
-    tokenizer = _matching_tokenizer(reference_dir, candidate)
+    tokenizer = _matching_tokenizer(reference_dir, candidate, bool(gates.suite.fidelity or gates.suite.generation))
+    weights = shard_hashes(candidate, find_shards(candidate))  # what the report is about
 
     cache_file = _cache_file(reference_dir, gates, device, torch_dtype)
     reference_results = _load_cached(cache_file) if use_cache else None
@@ -88,7 +95,8 @@ def run_gate(
     facts = {
         "candidate": label or str(candidate), "reference": reference_name, "device": str(device),
         "dtype": str(torch_dtype).removeprefix("torch."), "suite": gates.suite.as_dict(), "seconds": round(seconds, 1),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shards_sha256": weights,
+        "thresholds": gates.gates[gate],
     }  # fmt: skip
     report_path = report.write(candidate, gate, rows, facts)
     print(report.markdown(rows, f"gate {gate}"))
@@ -124,8 +132,7 @@ def measure(model, tokenizer, gates: GatesFile, manager, reference: dict | None 
 def _check_models(candidate: Path, reference: str | None) -> tuple[str, Path]:
     """Before anything loads: both are checkpoints with safetensors weights, and the report can be written. Returns
     the reference's name and directory (the candidate's provenance names it when `reference` does not)."""
-    read_json_object(candidate / "config.json", "the candidate is not a checkpoint directory")
-    find_shards(candidate)
+    _check_checkpoint(candidate, "the candidate is not a checkpoint directory")
     try:
         tempfile.TemporaryFile(dir=candidate).close()  # a read-only directory, or filesystem
     except OSError:
@@ -135,9 +142,17 @@ def _check_models(candidate: Path, reference: str | None) -> tuple[str, Path]:
         reference_dir = resolve_source(name).directory
     except CheckpointError as error:
         raise CheckpointError(f"reference: {error}" + ("" if reference else " (or pass --reference)")) from None
-    read_json_object(reference_dir / "config.json", "the reference is not a checkpoint directory")
-    find_shards(reference_dir)
+    _check_checkpoint(reference_dir, "the reference is not a checkpoint directory")
     return name, reference_dir
+
+
+def _check_checkpoint(directory: Path, missing: str) -> None:
+    """Its config, its shards' headers and its side files; a ladder config's ladder layers."""
+    config = read_json_object(directory / "config.json", missing)
+    if config.get("model_type") == ladder.LadderLlamaConfig.model_type:
+        check_ladder_layers(config, directory / "config.json")
+    check_tensors(directory, find_shards(directory), config)
+    side_files(directory)
 
 
 def _resolve_device(name: str | None) -> torch.device:
@@ -156,11 +171,22 @@ def _load_tokenizer(directory: Path, which: str):
     try:
         return AutoTokenizer.from_pretrained(directory)
     except Exception as error:  # the tokenizers library raises plain Exceptions for a corrupt tokenizer.json
-        raise EvalUsageError(f"the {which}'s tokenizer ({directory}) does not load: {str(error).splitlines()[0]}") from None
+        raise EvalUsageError(f"the {which}'s tokenizer ({directory}) does not load: {first_line(error)}") from None
 
 
-def _matching_tokenizer(reference_dir: Path, candidate: Path):
-    reference_tokenizer = _load_tokenizer(reference_dir, "reference")
+def load_chat_tokenizer(directory: Path, which: str):
+    """The tokenizer, its chat template tried on a two-turn chat before any model loads."""
+    tokenizer = _load_tokenizer(directory, which)
+    try:
+        tokenizer.apply_chat_template(SAMPLE_CHAT, tokenize=False)
+    except Exception as error:  # no template, jinja2's errors, a template's raise_exception
+        raise EvalUsageError(f"the {which}'s chat template ({directory}) fails on a two-turn chat: {first_line(error)}") from None
+    return tokenizer
+
+
+def _matching_tokenizer(reference_dir: Path, candidate: Path, chats: bool):
+    """The reference's tokenizer (its chat template tried when the suite measures chats), the candidate's same."""
+    reference_tokenizer = (load_chat_tokenizer if chats else _load_tokenizer)(reference_dir, "reference")
     candidate_tokenizer = _load_tokenizer(candidate, "candidate")
     if reference_tokenizer.get_vocab() != candidate_tokenizer.get_vocab():
         raise EvalUsageError("the reference's tokenizer differs from the candidate's: they cannot be compared token by token")

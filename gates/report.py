@@ -42,6 +42,12 @@ class Report:
     passed: bool
     rows: list[Row]
     suite: dict  # what was measured, as the gates file set it
+    shards_sha256: dict | None  # the candidate's weights, shard by shard: what the report is about
+    thresholds: dict | None  # the gate's, as the gates file set them
+
+
+NUMBER, TEXT, VERDICT = ((int, float), "a number"), ((str,), "text"), ((bool, type(None)), "true, false or null")
+ROW_TYPES = {"metric": TEXT, "reference": NUMBER, "candidate": NUMBER, "delta": NUMBER, "threshold": TEXT, "passed": VERDICT}
 
 
 def report_files(gate: str = "*") -> tuple[str, str]:
@@ -83,6 +89,17 @@ def read(directory: Path, gate: str) -> Report | None:
     try:
         if not isinstance(report.get("passed"), bool):
             raise TypeError("no passed verdict")
-        return Report(gate, report["passed"], [Row(**row) for row in report["rows"]], report.get("suite") or {})
+        rows = [checked_row(row) for row in report["rows"]]
+        bound = (report.get("shards_sha256"), report.get("thresholds"))
+        return Report(gate, report["passed"], rows, report.get("suite") or {}, *bound)
     except (KeyError, TypeError) as error:
         raise CheckpointError(f"{path} is not a gate report ({error})") from None
+
+
+def checked_row(row: dict) -> Row:
+    if not isinstance(row, dict) or row.keys() != ROW_TYPES.keys():
+        raise TypeError(f"a row is not {{{', '.join(ROW_TYPES)}}}")
+    for field, (types, kind) in ROW_TYPES.items():
+        if not isinstance(row[field], types) or (isinstance(row[field], bool) and bool not in types):
+            raise TypeError(f"{field} {row[field]!r} of row {row['metric']!r} is not {kind}")
+    return Row(**row)

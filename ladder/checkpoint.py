@@ -4,6 +4,9 @@ shards and their hashes, the ladder `config.json`, `ladder_provenance.json`, and
 Every problem with a checkpoint is a `CheckpointError`: one line for the user, exit code 2 in every command.
 """
 
+import ctypes
+import errno
+import fcntl
 import fnmatch
 import glob
 import hashlib
@@ -14,7 +17,9 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
+import traceback
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,24 +30,33 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import LadderLlamaConfig, __version__
+from . import LadderLlamaConfig, __version__, cache_root
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 MODELING_FILES = ("configuration_ladder_llama.py", "modeling_ladder_llama.py")  # shipped as remote code
 MODEL_CODE_DIR = Path(inspect.getfile(LadderLlamaConfig)).parent  # where the installed package keeps them
 PROVENANCE_FILE = "ladder_provenance.json"
-# Everything a user needs beside the weights; Meta's `original/` folder and pickled weights stay behind.
+# Everything a user needs beside the weights, by name; Meta's `original/` folder and pickled weights stay behind.
 SIDE_FILES = (
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "*.model",
-    "chat_template.json", "chat_template.jinja", "generation_config.json", "LICENSE*", "USE_POLICY*", "NOTICE*",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "*.model", "chat_template.json", "chat_template.jinja",
+    "generation_config.json", "LICENSE*", "USE_POLICY*", "NOTICE*",
 )  # fmt: skip
+# The only extensions a side file may have: data and text, never code (our model code is written by us).
+SIDE_SUFFIXES = ("", ".json", ".txt", ".md", ".model", ".jinja", ".png")
 HUB_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", *SIDE_FILES)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+AT_FDCWD, RENAME_NOREPLACE = -100, 1  # <fcntl.h>, <linux/fs.h>
 
 
 class CheckpointError(ValueError):
     """A missing, malformed or unreachable checkpoint: reported as one line, exit code 2."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line: the first of its message, or its type when it has none."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 @dataclass
@@ -98,10 +112,10 @@ def download_from_hub(repo_id: str, revision: str | None) -> Source:
 
 def read_json_object(path: Path, missing: str) -> dict:
     """The JSON object in `path`; `missing` says what its absence means."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path.parent} has no {path.name}: {missing}")
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(checked_file(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(content, dict):
@@ -112,11 +126,8 @@ def read_json_object(path: Path, missing: str) -> dict:
 def find_shards(directory: Path) -> list[str]:
     """The safetensors shard names, from the index when there is one."""
     index_file = directory / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-            raise CheckpointError(f"{index_file} is not a valid safetensors index") from None
+    if os.path.lexists(index_file):
+        shards = sorted(set(read_weight_map(directory).values()))
     elif (directory / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     elif any(fnmatch.fnmatch(f.name, p) for f in directory.iterdir() for p in PICKLE_WEIGHTS):
@@ -129,27 +140,114 @@ def find_shards(directory: Path) -> list[str]:
     escaping = [name for name in shards if Path(name).name != name or name in (".", "..")]
     if escaping:  # a file name in the directory, nothing else: "../x" would be read from, and written, outside it
         raise CheckpointError(f"{index_file} names shards outside the checkpoint directory: {escaping[:3]}")
-    missing = [name for name in shards if not (directory / name).is_file()]
+    missing = [name for name in shards if not os.path.lexists(directory / name)]
     if missing:
         raise CheckpointError(f"{directory} is missing shards {missing} named in its index")
+    for name in shards:
+        checked_file(directory / name)
     return shards
 
 
-def shard_tensor_names(path: Path) -> set[str]:
-    """The tensors in a shard. safetensors checks the header, and that it covers the file exactly (truncation)."""
+def read_weight_map(directory: Path) -> dict[str, str]:
+    """The index's {tensor name: shard name}."""
+    index_file = directory / "model.safetensors.index.json"
+    weight_map = read_json_object(index_file, "").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_file} is not a valid safetensors index (weight_map: tensor name -> shard name)")
+    return weight_map
+
+
+def shard_tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """The tensors in a shard and their shapes, from its header. safetensors checks the header, and that it covers
+    the file exactly (truncation)."""
     try:
         with safe_open(path, framework="pt") as shard:
-            return set(shard.keys())
+            return {name: shard.get_slice(name).get_shape() for name in shard.keys()}
     except SafetensorError as error:
         raise CheckpointError(f"{path.name} is truncated or corrupted, not a valid safetensors file ({error})") from None
 
 
-def check_layer_tensors(directory: Path, shards: list[str], num_layers: int) -> None:
-    """Every shard is sound, and the shards hold exactly the decoder layers config.json declares."""
-    names = set().union(*(shard_tensor_names(directory / shard) for shard in shards))
-    found = {int(m[1]) for name in names if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+def check_tensors(directory: Path, shards: list[str], config: dict) -> None:
+    """From the shards' headers, no weight loaded: every shard is sound, no tensor is in two shards, the index says
+    where each tensor is, and the shards hold exactly the decoder layers config.json declares, in its shapes."""
+    expected = expected_shapes(config)
+    where: dict[str, str] = {}
+    shapes: dict[str, list[int]] = {}
+    for shard in shards:
+        for name, shape in shard_tensor_shapes(directory / shard).items():
+            if name in where:
+                raise CheckpointError(f"tensor {name} is in two shards, {where[name]} and {shard}")
+            where[name], shapes[name] = shard, shape
+    if os.path.lexists(directory / "model.safetensors.index.json"):
+        check_index(read_weight_map(directory), where)
+    num_layers = config["num_hidden_layers"]
+    found = {int(m[1]) for name in where if (m := re.match(r"model\.layers\.(\d+)\.", name))}
     if found != set(range(num_layers)):
         raise CheckpointError(f"the shards hold {len(found)} decoder layers, config.json says num_hidden_layers={num_layers}")
+    for name, shape in expected.items():
+        if name in shapes and list(shapes[name]) != list(shape):
+            raise CheckpointError(f"tensor {name} has shape {list(shapes[name])}, config.json implies {list(shape)}")
+
+
+def check_index(weight_map: dict[str, str], where: dict[str, str]) -> None:
+    """The index names every tensor of the shards, each in the shard that holds it."""
+    for name, shard in weight_map.items():
+        if where.get(name) != shard:
+            raise CheckpointError(f"the index puts tensor {name} in {shard}, which does not hold it")
+    unindexed = sorted(set(where) - set(weight_map))
+    if unindexed:
+        raise CheckpointError(f"tensor {unindexed[0]} of {where[unindexed[0]]} is not in the index")
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The Llama weights' shapes that config.json implies."""
+    keys = ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads", "num_hidden_layers")
+    bad = [key for key in keys if not positive_int(config.get(key))]
+    if bad:
+        raise CheckpointError(f"config.json has no valid {bad[0]} (a positive integer)")
+    hidden, inner, vocab, heads, num_layers = (config[key] for key in keys)
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = (config.get("num_key_value_heads") or heads) * head_dim
+    layer = {
+        "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (heads * head_dim, hidden), "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, heads * head_dim),
+        "mlp.gate_proj.weight": (inner, hidden), "mlp.up_proj.weight": (inner, hidden), "mlp.down_proj.weight": (hidden, inner),
+    }  # fmt: skip
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for index in range(num_layers):
+        shapes |= {f"model.layers.{index}.{name}": shape for name, shape in layer.items()}
+    return shapes
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive_int(value: object) -> bool:
+    return is_int(value) and value > 0
+
+
+def read_ladder_config(directory: Path) -> dict:
+    """`config.json` of a ladder checkpoint, its ladder layers checked."""
+    config = read_json_object(directory / "config.json", "not a transformers checkpoint")
+    if config.get("model_type") != LadderLlamaConfig.model_type:
+        raise CheckpointError(
+            f"{directory} is not a ladder checkpoint (model type {config.get('model_type')!r}): run ladder-convert"
+        )
+    check_ladder_layers(config, directory / "config.json")
+    return config
+
+
+def check_ladder_layers(config: dict, config_file: Path) -> list[int]:
+    """A ladder config's `ladder_layers`: distinct decoder layer indices."""
+    layers, count = config.get("ladder_layers"), config.get("num_hidden_layers")
+    if not positive_int(count):
+        raise CheckpointError(f"{config_file}: num_hidden_layers {count!r} is not a positive integer")
+    indices = isinstance(layers, list) and all(is_int(i) and 0 <= i < count for i in layers)
+    if not indices or len(set(layers)) != len(layers):
+        raise CheckpointError(f"{config_file}: ladder_layers {layers!r} are not distinct layer indices from 0 to {count - 1}")
+    return layers
 
 
 def sha256_of(path: Path, progress: tqdm) -> str:
@@ -168,6 +266,11 @@ def hash_shards(paths: list[Path]) -> list[str]:
             return list(pool.map(lambda p: sha256_of(p, progress), paths))
 
 
+def shard_hashes(directory: Path, shards: list[str]) -> dict[str, str]:
+    """{shard name: sha256}, as the provenance and the gate reports record them."""
+    return dict(zip(shards, hash_shards([directory / name for name in shards])))
+
+
 def verify_hub_blob(source_path: Path, sha256: str) -> None:
     """A Hub cache stores each weight file under its sha256: a mismatch means the cached download is corrupted."""
     blob_name = Path(os.path.realpath(source_path)).name
@@ -175,8 +278,28 @@ def verify_hub_blob(source_path: Path, sha256: str) -> None:
         raise CheckpointError(f"{source_path.name} is corrupted: its sha256 is {sha256}, the Hub says {blob_name}")
 
 
+def checked_file(path: Path) -> Path:
+    """The real path of `path`, a file of a checkpoint directory, when it may be read: a regular file, or a symlink
+    that resolves inside the directory or into the Hugging Face cache's blob store (how Hub snapshots are laid out).
+    Anything else (a link to /etc/passwd or /proc/self/environ, a device, a pipe) is refused, naming the file."""
+    real = Path(os.path.realpath(path))
+    if path.is_symlink() and not inside_checkpoint(real, Path(os.path.realpath(path.parent))):
+        raise CheckpointError(f"{path} is a symlink to {real}, outside the checkpoint: refusing to read it")
+    if not real.is_file():
+        raise CheckpointError(f"{path} is not a regular file: refusing to read it")
+    return real
+
+
+def inside_checkpoint(real: Path, directory: Path) -> bool:
+    """In `directory`, or in the blob store of the Hub cache repository whose snapshot `directory` is."""
+    if real.is_relative_to(directory):
+        return True
+    snapshots = directory.parent
+    return snapshots.name == "snapshots" and real.parent == snapshots.parent / "blobs"
+
+
 def link_or_copy(source: Path, target: Path) -> str:
-    real_source = os.path.realpath(source)  # Hub cache snapshots hold symlinks to blobs
+    real_source = checked_file(source)  # Hub cache snapshots hold symlinks to blobs
     try:
         os.link(real_source, target)
         return "hardlinked"
@@ -185,11 +308,28 @@ def link_or_copy(source: Path, target: Path) -> str:
         return "copied"
 
 
-def copy_matching(source: Path, target: Path, patterns: tuple[str, ...]) -> None:
-    """The files of `source` whose names match a pattern, into `target` (never over a file already there)."""
-    for path in sorted(source.iterdir()):
-        if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in patterns) and not (target / path.name).exists():
-            shutil.copyfile(path, target / path.name)
+def side_files(directory: Path, patterns: tuple[str, ...] = SIDE_FILES) -> list[Path]:
+    """The files of `directory` that a pattern names, with a data or text extension, each checked as `checked_file`
+    does. A config among them that names code to run (`auto_map`: a tokenizer or processor of its own) is refused:
+    an export loads with `trust_remote_code=True`, which would run that code on every user's machine."""
+    named = [
+        path for path in sorted(directory.iterdir())
+        if any(fnmatch.fnmatch(path.name, p) for p in patterns) and path.suffix in SIDE_SUFFIXES
+    ]  # fmt: skip
+    for path in named:
+        checked_file(path)
+        if path.name.endswith("config.json") and "auto_map" in read_json_object(path, ""):
+            raise CheckpointError(
+                f"{path} names code to run (auto_map): ladder carries no code but its own model's; remove auto_map"
+            )
+    return named
+
+
+def copy_side_files(source: Path, target: Path, patterns: tuple[str, ...]) -> None:
+    """The side files of `source` that `patterns` name, into `target` (never over a file already there)."""
+    for path in side_files(source, patterns):
+        if not os.path.lexists(target / path.name):
+            shutil.copyfile(checked_file(path), target / path.name)
 
 
 def write_ladder_config(directory: Path, config: dict, layers: list[int]) -> None:
@@ -251,13 +391,38 @@ def check_output(output: Path, overwrite: bool, option: str) -> None:
 
 
 @contextmanager
-def staged(output: Path, directory: bool = True) -> Iterator[Path]:
+def output_lock(output: Path, option: str) -> Iterator[None]:
+    """Hold `output` for the whole run: an exclusive lock on a file beside it, removed at the end. A second run on
+    the same output is refused at once."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = output.with_name(f".{output.name}.lock")
+    descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(descriptor).st_ino != os.stat(lock_file).st_ino:  # a run that just ended removed it
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
+        os.close(descriptor)
+        raise CheckpointError(f"{option} {output} is being written by another ladder run: wait for it to end") from None
+    try:
+        yield
+    finally:
+        lock_file.unlink(missing_ok=True)  # before the lock goes: a waiting run then sees a new lock file
+        os.close(descriptor)
+
+
+@contextmanager
+def staged(output: Path, directory: bool = True, overwrite: bool = False, option: str = "--output") -> Iterator[Path]:
     """A temporary sibling of `output` to write into, renamed to `output` when the block ends normally and removed
     when it raises. An existing `output` goes only once the new one is in place, so a failed or interrupted run
-    leaves the output as it was."""
+    leaves the output as it was. A directory never lands on anything but an earlier output of ours, and that only
+    with `overwrite`: what appeared at `output` while the run was writing is checked again at the rename."""
     with scratch(output, directory) as staging:
         yield staging
-        replace(staging, output)
+        if directory:
+            move_into_place(staging, output, overwrite, option)
+        else:
+            os.replace(staging, output)
 
 
 @contextmanager
@@ -312,14 +477,31 @@ def current_umask() -> int:
     return umask
 
 
-def replace(staging: Path, output: Path) -> None:
-    if not os.path.lexists(output):
-        staging.rename(output)
-        return
-    retired = output.with_name(f".{output.name}.{owner_tag()}.old")
-    output.rename(retired)
-    staging.rename(output)
-    remove(retired)
+def move_into_place(staging: Path, output: Path, overwrite: bool, option: str) -> None:
+    if overwrite and os.path.lexists(output):
+        check_output(output, overwrite, option)  # still an earlier output of ours, not a folder made meanwhile
+        retired = output.with_name(f".{output.name}.{owner_tag()}.old")
+        output.rename(retired)
+        rename_without_replacing(staging, output, option)
+        remove(retired)
+    else:
+        rename_without_replacing(staging, output, option)
+
+
+def rename_without_replacing(source: Path, target: Path, option: str) -> None:
+    """Linux's renameat2(RENAME_NOREPLACE): atomic, and never over anything. Where the filesystem or the C library
+    lacks it, a check then a rename (under the output's lock, so only another program could slip in between)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+        if renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(target), RENAME_NOREPLACE) == 0:
+            return
+        error = ctypes.get_errno()
+        if error not in (errno.ENOSYS, errno.EINVAL, errno.EEXIST):
+            raise OSError(error, os.strerror(error), str(target))
+    if os.path.lexists(target):
+        raise CheckpointError(f"{option} {target} appeared while this run was writing it: left as it is, nothing written")
+    os.rename(source, target)
 
 
 def remove(path: Path) -> None:
@@ -327,6 +509,21 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def crashed(prog: str, error: Exception) -> int:
+    """An unexpected exception: one line on stderr, the traceback in a log file, exit code 3 (1 means only that a
+    gate failed)."""
+    log = cache_root() / "logs" / f"{prog.replace('/', '-')}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(error)))
+        where = f"traceback in {log}"
+    except OSError:
+        traceback.print_exception(error)
+        where = "traceback above"
+    print(f"{prog}: internal error: {type(error).__name__}: {first_line(error)} ({where})", file=sys.stderr)
+    return 3
 
 
 @contextmanager

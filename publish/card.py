@@ -1,6 +1,9 @@
 """The model card (`README.md`) of a published ladder model, and the license it inherits from its base model."""
 
+import json
+import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +12,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard import metadata_load
 
 from ladder import __version__
-from ladder.checkpoint import HUB_ID
+from ladder.checkpoint import HUB_ID, checked_file, side_files
 from ladder.gates.report import Row
 
 LICENSE_FILES = ("LICENSE*", "USE_POLICY*", "NOTICE*")
@@ -19,6 +22,17 @@ OTHER_LICENSE_TEXTS = (
     (re.compile(r"Apache License,?\s+Version 2\.0", re.IGNORECASE), "apache-2.0"),
     (re.compile(r"\bMIT License\b|Permission is hereby granted, free of charge", re.IGNORECASE), "mit"),
 )
+# The license ids the Hub knows (huggingface.co/docs/hub/repositories-licenses): mostly SPDX ids, lower-cased.
+HUB_LICENSES = frozenset("""
+    apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+    afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0
+    cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0
+    cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0
+    cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl
+    gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple-amlr
+    mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license
+    fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma other
+""".split())
 PAPER = "https://arxiv.org/abs/2501.06589"
 VERDICTS = {True: "yes", False: "**NO**", None: ""}
 
@@ -30,6 +44,7 @@ class License:
     hub_id: str  # the Hub's identifier (llama3.1, apache-2.0, ...), "other" for an unrecognised text, or "unknown"
     found_in: str | None = None  # a file name, or --license
     files: tuple[Path, ...] = ()
+    link: str | None = None  # where the text of an `other` license given with --license is
 
     @property
     def llama_version(self) -> str | None:
@@ -57,25 +72,44 @@ class License:
         )
 
 
-def detect_license(directories: list[Path], override: str | None = None) -> License:
-    """The first of `directories` (the model, then its ancestors) that says anything about a license decides."""
+def detect_license(directories: list[Path], override: str | None = None, link: str | None = None) -> License:
+    """The first of `directories` (the model, then its ancestors) that says anything about a license decides; the
+    license files ship from there even when `override` (--license, checked by `check_license_option`) names it."""
     for directory in directories:
-        texts = tuple(sorted({p for pattern in LICENSE_FILES for p in directory.glob(pattern) if p.is_file()}))
+        texts = tuple(side_files(directory, LICENSE_FILES))
         declared = readme_license(directory / "README.md")
         if declared or texts:
             hub_id, found_in = (declared, "README.md") if declared else identify_license(texts)
-            return License(override or hub_id, "--license" if override else found_in, texts)
-    return License(override or "unknown", "--license" if override else None)
+            return License(override or hub_id, "--license" if override else found_in, texts, link)
+    return License(override or "unknown", "--license" if override else None, (), link)
+
+
+def check_license_option(license_id: str | None, link: str | None) -> None:
+    """`--license`: an id the Hub knows, or `other` with `--license-link` to its text."""
+    if license_id is None and link is None:
+        return
+    if license_id == "other":
+        if not (link and re.fullmatch(r"https?://[^\s<>()\[\]]+", link)):
+            raise ValueError("--license other needs --license-link URL, the address of the license's text")
+    elif license_id not in HUB_LICENSES:
+        raise ValueError(
+            f"--license {license_id!r} is not a license id the Hub knows (apache-2.0, mit, llama3.1, cc-by-4.0, ...): "
+            "give one, or --license other --license-link URL"
+        )
+    elif link is not None:
+        raise ValueError("--license-link goes with --license other only")
 
 
 def readme_license(readme: Path) -> str | None:
-    if not readme.is_file():
+    if not os.path.lexists(readme):
         return None
     try:
-        declared = (metadata_load(readme) or {}).get("license")
+        declared = (metadata_load(checked_file(readme)) or {}).get("license")
     except yaml.YAMLError:  # a broken front matter tells us nothing
         return None
-    return declared if isinstance(declared, str) else None
+    if not isinstance(declared, str):
+        return None
+    return declared if declared in HUB_LICENSES else "other"  # free text would break the card's metadata
 
 
 def identify_license(texts: tuple[Path, ...]) -> tuple[str, str]:
@@ -111,6 +145,7 @@ def build_card(facts: CardFacts) -> ModelCard:
         model_name=facts.name,
         base_model=facts.base_model,
         license=facts.license.hub_id,
+        license_link=facts.license.link,
         datasets=hub_datasets(facts.adaptation.get("data", [])) or None,
         tags=["ladder-residual", "llama", "custom_code", *(["conversational"] if facts.chat_template else [])],
         library_name="transformers",
@@ -222,8 +257,8 @@ The modeling code ships with the weights (`modeling_ladder_llama.py`, `configura
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{facts.load_id}")
-model = AutoModelForCausalLM.from_pretrained("{facts.load_id}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained({python_string(facts.load_id)})
+model = AutoModelForCausalLM.from_pretrained({python_string(facts.load_id)}, trust_remote_code=True)
 messages = [{{"role": "user", "content": "What is the capital of France?"}}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 output = model.generate(**inputs, max_new_tokens=32)
@@ -237,8 +272,13 @@ and the package's own code loads the model without `trust_remote_code`:
 import ladder  # noqa: F401
 from transformers import AutoModelForCausalLM
 
-model = AutoModelForCausalLM.from_pretrained("{facts.load_id}")
+model = AutoModelForCausalLM.from_pretrained({python_string(facts.load_id)})
 ```"""
+
+
+def python_string(text: str) -> str:
+    """`text` as a Python string literal: a path with quotes or backslashes stays one string in the snippet."""
+    return json.dumps(text)
 
 
 def speed(facts: CardFacts) -> str:
@@ -248,7 +288,7 @@ Ladder Residual gains nothing on a single device: its gain is the communication 
 depends on the tensor-parallel size, the interconnect, the batch size and the engine. This card therefore promises
 no speed-up. The numbers measured so far, with their set-up, are in the *Benchmarks* and *Tensor-parallel inference*
 sections of the `ladder` project's README; measure this model on your own hardware with
-`torchrun --nproc-per-node 2 -m ladder.serve bench --model {facts.load_id} --batch 1,4,16`."""
+`torchrun --nproc-per-node 2 -m ladder.serve bench --model {shlex.quote(facts.load_id)} --batch 1,4,16`."""
 
 
 def license_section(facts: CardFacts) -> str:
@@ -268,6 +308,7 @@ def license_section(facts: CardFacts) -> str:
         )
     origin = "given to ladder-publish" if license.found_in == "--license" else f"read from its `{license.found_in}`"
     texts = f" The license texts ship with the weights: {license.shipped}." if license.files else ""
+    texts += f" Its text: <{license.link}>." if license.link else ""
     return f"## License\n\n`{license.hub_id}`, inherited from the base model ({origin}).{texts}"
 
 

@@ -6,43 +6,49 @@ the tokenizer, chat template and generation config, `ladder_provenance.json`, th
 license texts and a model card (`README.md`). A model whose gate report (`--gate`, default after_adapt) is missing or
 failed is refused unless `--force`, which the card then states. The folder is built in a temporary directory beside
 its target and renamed, or uploaded, at the end. Exit codes: 0 published, 1 refused by the gate, 2 bad input, an
-existing target, or a Hub that is offline, unreachable or refusing.
+existing target, or a Hub that is offline, unreachable or refusing, 130 interrupted, 3 an unexpected error.
 """
 
 import argparse
 import filecmp
-import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ladder import LadderLlamaConfig, __version__
+from ladder import __version__
 from ladder.checkpoint import (
     HUB_ID,
     MODEL_CODE_DIR,
     MODELING_FILES,
+    PROVENANCE_FILE,
     SIDE_FILES,
     CheckpointError,
     check_apart,
-    check_layer_tensors,
+    check_tensors,
     check_output,
-    copy_matching,
+    copy_side_files,
+    crashed,
+    first_line,
     find_shards,
     link_or_copy,
+    output_lock,
     read_json_object,
+    read_ladder_config,
     read_provenance,
     scratch,
+    shard_hashes,
     staged,
     tool_stamp,
     unwind_on_termination,
     write_ladder_config,
     write_provenance,
 )
-from ladder.gates import report
+from ladder.gates import GateUsageError, load_gates_file, report
+from ladder.gates.config import DEFAULT_GATES_FILE
 from ladder.gates.report import Report, Row
 
-from .card import CardFacts, License, build_card, detect_license
+from .card import LICENSE_FILES, CardFacts, License, build_card, check_license_option, detect_license
 
 CONVERTED_GATE = "after_convert"  # the gate ladder-convert runs on the converted checkpoint
 EVIDENCE_FILES = (*report.report_files(), "training_curves.png")
@@ -77,9 +83,17 @@ def publish(
     private: bool = False,
     base_model: str | None = None,
     license_id: str | None = None,
+    gates_file: Path = DEFAULT_GATES_FILE,
+    license_link: str | None = None,
 ) -> str:
     """Export to `export` or upload to `repo_id` (exactly one); returns the folder or the repository's URL."""
     target = Path(export).expanduser().absolute() if export else None
+    if target and any(ord(c) < 32 for c in str(target)):  # the folder's name is the card's title
+        raise PublishError(f"--export {str(target)!r} holds control characters (a newline, ...): choose another name")
+    try:
+        check_license_option(license_id, license_link)
+    except ValueError as error:
+        raise PublishError(str(error)) from None
     if repo_id:
         check_repo_id(repo_id)
         check_hub(repo_id, overwrite)
@@ -90,13 +104,14 @@ def publish(
     checkpoint = read_checkpoint(Path(model).expanduser().absolute())
     if target:
         check_apart(target, checkpoint.directory, "--export")
-    verdict = report.read(checkpoint.directory, gate)
-    problem = gate_problem(verdict, gate)
+    thresholds = gate_thresholds(gates_file, gate)
+    rows = judged_rows(checkpoint, gate, thresholds)
+    problem = gate_problem(rows, gate)
     if problem and not force:
         raise GateRefused(f"{checkpoint.directory} is not published: {problem} (or pass --force)")
 
     converted, original = ancestors(checkpoint)
-    license = detect_license([checkpoint.directory, *filter(None, (converted, original))], license_id)
+    license = detect_license([checkpoint.directory, *filter(None, (converted, original))], license_id, license_link)
     check_license_terms(license, repo_id.split("/")[1] if repo_id else None)
     facts = CardFacts(
         name=repo_id.split("/")[1] if repo_id else target.name,
@@ -107,8 +122,8 @@ def publish(
         num_layers=checkpoint.config["num_hidden_layers"],
         adaptation=checkpoint.provenance.get("adaptation") or {},
         gate=gate,
-        gate_rows=rows_of(verdict),
-        converted_rows=rows_of(report.read(converted, CONVERTED_GATE)) if converted else None,
+        gate_rows=rows,
+        converted_rows=converted_rows(converted),
         forced_because=problem,
         license=license,
         chat_template=has_chat_template(checkpoint.directory),
@@ -116,8 +131,10 @@ def publish(
 
     warn_if_model_code_differs(checkpoint.directory)
     if target:
-        with staged(target) as folder:
-            write_folder(checkpoint, converted, facts, folder)
+        with output_lock(target, "--export"):
+            check_output(target, overwrite, "--export")  # again: a run of ours may have written it meanwhile
+            with staged(target, overwrite=overwrite, option="--export") as folder:
+                write_folder(checkpoint, converted, facts, folder)
         return str(target)
     with scratch(checkpoint.directory) as folder:  # beside the model: the shards hardlink, not copy, for the upload
         write_folder(checkpoint, converted, facts, folder)
@@ -151,31 +168,65 @@ def check_hub(repo_id: str, overwrite: bool) -> None:
 def read_checkpoint(directory: Path) -> Checkpoint:
     if not directory.is_dir():
         raise PublishError(f"{directory}: no such directory")
-    config = read_json_object(directory / "config.json", "not a transformers checkpoint")
-    ladder_fields = isinstance(config.get("ladder_layers"), list) and isinstance(config.get("num_hidden_layers"), int)
-    if config.get("model_type") != LadderLlamaConfig.model_type or not ladder_fields:
-        raise PublishError(
-            f"{directory} is not a ladder checkpoint (model type {config.get('model_type')!r}): run ladder-convert"
-        )
+    config = read_ladder_config(directory)
     provenance = read_provenance(directory)
     if not (directory / "tokenizer_config.json").is_file():
         raise PublishError(f"{directory} has no tokenizer (tokenizer_config.json): save the tokenizer beside the model")
     shards = find_shards(directory)
-    check_layer_tensors(directory, shards, config["num_hidden_layers"])
+    check_tensors(directory, shards, config)
+    recorded = provenance.get("shards_sha256")
+    if not isinstance(recorded, dict) or sorted(recorded) != shards:
+        raise CheckpointError(f"{directory / PROVENANCE_FILE} does not record the sha256 of each shard {shards}")
     return Checkpoint(directory, config, provenance, shards)
 
 
-def rows_of(verdict: Report | None) -> list[Row] | None:
-    return verdict.rows if verdict else None
+def gate_thresholds(gates_file: Path, gate: str) -> dict:
+    try:
+        gates = load_gates_file(gates_file).gates
+    except GateUsageError as error:
+        raise PublishError(str(error)) from None
+    if gate not in gates:
+        raise PublishError(f"--gate {gate} is not in {gates_file} (it defines: {', '.join(gates)})")
+    return gates[gate]
 
 
-def gate_problem(verdict: Report | None, gate: str) -> str | None:
-    """Why the gate keeps the model in; None when it lets it out."""
+def bound_report(directory: Path, provenance: dict, gate: str) -> Report | None:
+    """The gate's report in `directory`, which must be about these weights (its shard hashes are the provenance's)
+    and have measured something; None when there is none."""
+    verdict = report.read(directory, gate)
+    where = directory / report.report_files(gate)[0]
+    if verdict and not verdict.rows:
+        raise CheckpointError(f"{where} has no rows: it measured nothing")
+    if verdict and verdict.shards_sha256 != provenance.get("shards_sha256"):
+        raise CheckpointError(
+            f"{where} is about other weights (its shard hashes are not the provenance's): run ladder-eval --gate {gate} on {directory}"
+        )
+    return verdict
+
+
+def judged_rows(checkpoint: Checkpoint, gate: str, thresholds: dict) -> list[Row] | None:
+    """The report's measurements judged again by the gates file, so the verdict written in the report counts for
+    nothing. None without a report."""
+    verdict = bound_report(checkpoint.directory, checkpoint.provenance, gate)
     if verdict is None:
+        return None
+    measured = {row.metric: (row.reference, row.candidate) for row in verdict.rows if row.threshold != "not measured"}
+    return report.judge(measured, thresholds)
+
+
+def gate_problem(rows: list[Row] | None, gate: str) -> str | None:
+    """Why the gate keeps the model in; None when it lets it out."""
+    if rows is None:
         return f"its {gate} gate report ({report.report_files(gate)[0]}) is missing"
-    if not verdict.passed:
-        return f"its {gate} gate failed on: {', '.join(report.failing(verdict.rows)) or 'see the report'}"
+    if report.failing(rows):
+        return f"its {gate} gate failed on: {', '.join(report.failing(rows))}"
     return None
+
+
+def converted_rows(converted: Path | None) -> list[Row] | None:
+    """The converted ancestor's after_convert rows, for the card: shown as measured, and only about its weights."""
+    verdict = bound_report(converted, read_provenance(converted), CONVERTED_GATE) if converted else None
+    return verdict.rows if verdict else None
 
 
 def hub_source(provenance: dict) -> str | None:
@@ -223,12 +274,15 @@ def write_folder(checkpoint: Checkpoint, converted: Path | None, facts: CardFact
     """Everything beside the card comes from the checkpoint first, then from its converted ancestor."""
     for name in checkpoint.shards:
         link_or_copy(checkpoint.directory / name, target / name)
-    copy_matching(checkpoint.directory, target, ("model.safetensors.index.json", *SIDE_FILES, *EVIDENCE_FILES))
+    exported = shard_hashes(target, checkpoint.shards)
+    changed = [name for name in checkpoint.shards if exported[name] != checkpoint.provenance["shards_sha256"][name]]
+    if changed:  # edited since it was gated, or while this run reads the folder: the export would mix the two
+        raise CheckpointError(f"{checkpoint.directory / changed[0]} is not the shard the provenance records (sha256 differs)")
+    copy_side_files(checkpoint.directory, target, ("model.safetensors.index.json", *SIDE_FILES, *EVIDENCE_FILES))
     if converted:
-        copy_matching(converted, target, report.report_files(CONVERTED_GATE))
-    for path in facts.license.files:
-        if not (target / path.name).exists():
-            shutil.copyfile(path, target / path.name)
+        copy_side_files(converted, target, report.report_files(CONVERTED_GATE))
+    if facts.license.files:  # all from one directory
+        copy_side_files(facts.license.files[0].parent, target, LICENSE_FILES)
     if facts.license.needs_notice:
         (target / "NOTICE").write_text(facts.license.llama_notice + "\n")
     # Our own model code, the code the gates ran (ladder-eval loads our registered classes), whatever the folder holds.
@@ -294,10 +348,6 @@ def hub_errors(repo_id: str):
         ) from None
 
 
-def first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ladder-publish", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="the healed checkpoint directory (e.g. runs/NAME-adapted/final)")
@@ -306,16 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--export", type=Path, help="folder to write instead (works offline)")
     parser.add_argument("--private", action="store_true", help="make the Hub repository private")
     parser.add_argument("--gate", default="after_adapt", help="gate whose passed report lets the model out")
+    parser.add_argument("--gates-file", type=Path, default=DEFAULT_GATES_FILE,
+                        help="thresholds the report is judged by (default: gates' own)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="publish without a passed gate report (the card says so)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export folder or Hub repository")
     parser.add_argument("--base-model", help="the original's Hub id, when the provenance names a local directory")
     parser.add_argument("--license", help="the base model's Hub license id, when its files do not say it")
+    parser.add_argument("--license-link", help="with --license other: the address of the license's text")
     args = parser.parse_args(argv)
     try:
         with unwind_on_termination():
             published = publish(
                 args.model, args.repo_id, args.export, args.gate, args.force, args.overwrite, args.private,
-                args.base_model, args.license,
+                args.base_model, args.license, args.gates_file, args.license_link,
             )  # fmt: skip
     except GateRefused as refusal:
         print(f"ladder-publish: {refusal}", file=sys.stderr)
@@ -328,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             "ladder-publish: interrupted; no export folder was written (a Hub upload may be partial)", file=sys.stderr
         )
         return 130
+    except Exception as error:  # a bug of ours, or an environment we did not foresee
+        return crashed("ladder-publish", error)
     print(published)
     return 0
 

@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 import ladder  # noqa: F401  (registers the ladder model with the Auto classes)
 from ladder import LadderLlamaConfig
+from ladder.checkpoint import CheckpointError, check_ladder_layers, read_json_object
 
 # Published shapes, for benchmarking models we cannot download; `--layers` scales the depth down.
 SHAPES = {
@@ -50,6 +51,12 @@ def load_config(model: str, layers: int | None = None) -> PretrainedConfig:
     directory = Path(model)
     if not (directory / "config.json").is_file():
         raise ServeError(f"{model}: not a checkpoint directory (no config.json) nor a shape ({', '.join(SHAPES)})")
+    try:  # transformers would drop repeated ladder layers silently
+        raw = read_json_object(directory / "config.json", "not a checkpoint directory")
+        if raw.get("model_type") == LadderLlamaConfig.model_type:
+            check_ladder_layers(raw, directory / "config.json")
+    except CheckpointError as error:
+        raise ServeError(str(error)) from None
     config = AutoConfig.from_pretrained(directory)
     if config.model_type not in ("ladder_llama", "llama"):
         raise ServeError(f"{model}: model type {config.model_type!r} is not supported (llama or ladder_llama)")

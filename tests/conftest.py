@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ladder import LadderLlamaConfig, LadderLlamaForCausalLM
+from ladder.checkpoint import PROVENANCE_FILE
 from ladder.convert.converter import convert
 from ladder.convert.smollm2 import fetch_smollm2
+from ladder.gates import load_gates_file, report
 
 REPO = Path(__file__).resolve().parents[1]
 SFT = REPO / "adapt" / "sft.py"
@@ -84,6 +87,29 @@ def save_tiny_checkpoint(directory: Path, model: LlamaForCausalLM | None = None,
     """A small sharded Llama checkpoint on disk, for converter tests."""
     (model or tiny_llama()).save_pretrained(directory, max_shard_size=max_shard_size)
     return directory
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny Llama's 96 ids, with a chat template."""
+    words = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(93))]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>",
+        chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}",
+    )  # fmt: skip
+
+
+def write_gate_report(directory: Path, gate: str, kl: float) -> None:
+    """A well-formed report of the model in `directory`, as gates/report.py writes it, on the metrics of the default
+    gates: after_adapt passes with kl <= 0.05."""
+    metrics = {"kl": (0.0, kl), "top1_agreement": (1.0, 0.96), "response_perplexity": (2.0, 2.02),
+               "arc_easy_local/acc": (0.5, 0.5)}  # fmt: skip
+    thresholds = load_gates_file().gates[gate]
+    rows = report.judge(metrics, thresholds)
+    facts = {"candidate": str(directory), "reference": "tiny-original", "thresholds": thresholds,
+             "shards_sha256": read_json(directory / PROVENANCE_FILE)["shards_sha256"]}  # fmt: skip
+    report.write(directory, gate, rows, facts)
 
 
 def leftovers(parent: Path) -> list[str]:

@@ -271,7 +271,7 @@ def test_teacher_answers_are_the_originals_own_greedy_answers(tiny_pair, tmp_pat
     "override, message",
     [({"learning_rat": 1e-4}, "Unknown arguments from config file: ['--learning_rat'"),
      ({"train_layers": "some"}, "train_layers must be 'all' or 'ladder'"),
-     ({"model_name_or_path": "/nowhere"}, "has no config.json: not a checkpoint directory"),
+     ({"model_name_or_path": "/nowhere"}, "has no config.json: not a transformers checkpoint"),
      ({"datasets": [{"path": "json", "data_files": "/nowhere.json"}]}, "dataset file /nowhere.json does not exist"),
      ({"dataset_template": "none"}, "it needs 'messages', or 'prompt' and 'completion'"),
      ({"distill_alpha": 2}, "distill_alpha must be in [0, 1]"),

@@ -18,14 +18,12 @@ from urllib.parse import urlparse
 
 import pytest
 import torch
-from conftest import leftovers, read_json, save_tiny_checkpoint, tiny_llama
+from conftest import leftovers, read_json, save_tiny_checkpoint, tiny_llama, tiny_tokenizer, write_gate_report
 from huggingface_hub import ModelCard, constants
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
-from ladder.checkpoint import MODEL_CODE_DIR, MODELING_FILES, PROVENANCE_FILE
+from ladder.checkpoint import MODEL_CODE_DIR, MODELING_FILES, PROVENANCE_FILE, find_shards, shard_hashes
 from ladder.convert.converter import convert
-from ladder.gates import report
 from ladder.publish import cli
 from ladder.publish.card import License, detect_license
 
@@ -36,23 +34,6 @@ TRAINING_DATA = [
     {"path": "tatsu-lab/alpaca", "name": None, "data_dir": None, "data_files": None, "split": "train", "columns": None},
     {"path": "json", "data_files": "gates/data/alpaca_5000.json", "split": "train[:4500]"},
 ]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the tiny Llama's 96 ids, with a chat template."""
-    words = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(93))]
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>",
-        chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}",
-    )  # fmt: skip
-
-
-def write_gate_report(directory: Path, gate: str, kl: float) -> None:
-    """A well-formed report, as gates/report.py writes it: passes with kl <= 0.05."""
-    rows = report.judge({"kl": (0.0, kl), "top1_agreement": (1.0, 0.96)}, {"kl": {"max": 0.05}})
-    report.write(directory, gate, rows, {"candidate": str(directory), "reference": "tiny-original"})
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +57,7 @@ def lineage(tmp_path_factory) -> SimpleNamespace:
     tiny_tokenizer().save_pretrained(adapted)
     adaptation = {"converted_model": str(converted), "reference": str(original), "data": TRAINING_DATA}
     provenance = read_json(converted / PROVENANCE_FILE) | {"adaptation": adaptation | {"tokens": 1500, "steps": 8}}
+    provenance["shards_sha256"] = shard_hashes(adapted, find_shards(adapted))
     (adapted / PROVENANCE_FILE).write_text(json.dumps(provenance))
     write_gate_report(adapted, "after_adapt", kl=0.02)
     return SimpleNamespace(original=original, converted=converted, adapted=adapted, model=model.eval())

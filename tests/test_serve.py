@@ -1,5 +1,6 @@
 """Tensor-parallel serving: the same tokens and logits as the single-process HF model, and one-line bad-input errors."""
 
+import json
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ import ladder  # noqa: F401  (registers the ladder model with the Auto classes)
 from conftest import ladder_twin, save_tiny_checkpoint, tiny_llama
 from ladder.convert.converter import convert as convert_checkpoint
 from ladder.serve.__main__ import free_port
-from ladder.serve.model import greedy_steps, load_config, load_model
+from ladder.serve.model import ServeError, greedy_steps, load_config, load_model
 
 NEW_TOKENS = 6
 
@@ -136,3 +137,12 @@ def test_bad_input_is_one_line(args, env, message, tiny_ladder_checkpoint):
     assert done.returncode == 2
     assert done.stderr.startswith("ladder.serve: error: ") and message in done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_repeated_ladder_layers_are_refused(tiny_ladder_checkpoint, tmp_path):
+    """transformers would keep one of each: the model served would not be the one the config describes."""
+    copy = shutil.copytree(tiny_ladder_checkpoint, tmp_path / "copy")
+    config = json.loads((copy / "config.json").read_text()) | {"ladder_layers": [2, 2, 3]}
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ServeError, match=r"ladder_layers \[2, 2, 3\] are not distinct layer indices from 0 to 5"):
+        load_config(str(copy))
