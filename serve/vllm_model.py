@@ -89,8 +89,10 @@ def _(partial, group_name):
 
 
 @torch.library.custom_op("ladder::wait_all_reduce", mutates_args=())
-def wait_all_reduce(total: torch.Tensor) -> torch.Tensor:
-    """The sum, once the all-reduce that `start_all_reduce` started on `total` has finished."""
+def wait_all_reduce(total: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """The sum, once the all-reduce that `start_all_reduce` started on `total` has finished. `after` is unused: it
+    is the output of the work the all-reduce runs behind, so that inductor, which moves an op to where its inputs
+    exist, cannot move the wait before that work."""
     finish = _IN_FLIGHT.pop(total.data_ptr(), None)
     if finish is not None:
         finish()
@@ -98,14 +100,15 @@ def wait_all_reduce(total: torch.Tensor) -> torch.Tensor:
 
 
 @wait_all_reduce.register_fake
-def _(total):
+def _(total, after):
     return torch.empty_like(total)
 
 
 class Reduces:
     """The asynchronous all-reduces of a ladder model's partial sums: `start` issues one and returns the tensor that
-    will hold the sum, `wait` returns the sum. Both are custom ops, opaque to torch.compile (inductor keeps each where
-    it is called), so the overlap survives vLLM's default compiled path.
+    will hold the sum, `wait` returns the sum. Both are custom ops, opaque to torch.compile, so the overlap survives
+    vLLM's default compiled path: inductor moves neither a wait above the work it names as `after` nor (with
+    `reorder_for_peak_memory` off, see LadderLlamaModel) a start down to its wait.
 
     On one rank `start` is still called, as a copy: a ladder layer reads its attention's output only after its MLP,
     and vLLM's CPU build writes each projection's output into a preallocated buffer (`_C.onednn_mm`) whose later reads
@@ -121,8 +124,11 @@ class Reduces:
             return partial
         return torch.ops.ladder.start_all_reduce(partial, get_tp_group().device_group.group_name)
 
-    def wait(self, pending: torch.Tensor) -> torch.Tensor:
-        return torch.ops.ladder.wait_all_reduce(pending) if self.across_ranks else pending
+    def wait(self, pending: torch.Tensor, after: torch.Tensor | None = None) -> torch.Tensor:
+        """The sum, waited for after `after` (the output of the work the reduce runs behind) exists."""
+        if not self.across_ranks:
+            return pending
+        return torch.ops.ladder.wait_all_reduce(pending, pending if after is None else after)
 
 
 class LadderDecoderLayer(LlamaDecoderLayer):
@@ -140,10 +146,10 @@ class LadderDecoderLayer(LlamaDecoderLayer):
         attention = self.reduces.start(self.self_attn(positions=positions, hidden_states=self.input_layernorm(A)))
         if residual is None:
             H, normed = hidden_states, self.post_attention_layernorm(hidden_states)
-        else:  # the MLP before (this kind of layer's or a standard one's): H = A + m
-            normed, H = self.post_attention_layernorm(self.reduces.wait(hidden_states), residual)
+        else:  # the MLP before (this kind of layer's or a standard one's), reduced behind this attention: H = A + m
+            normed, H = self.post_attention_layernorm(self.reduces.wait(hidden_states, after=attention), residual)
         mlp = self.reduces.start(self.mlp(normed))  # read by the next MLP or standard layer, not the next attention
-        return mlp, H + self.reduces.wait(attention)  # (m, A): H = A + m
+        return mlp, H + self.reduces.wait(attention, after=mlp)  # (m, A): H = A + m
 
 
 class StandardDecoderLayer(LlamaDecoderLayer):
@@ -178,8 +184,12 @@ class LadderLlamaModel(LlamaModel):
             if index in ladder:
                 return LadderDecoderLayer(vllm_config=vllm_config, prefix=prefix, reduces=reduces)
             return StandardDecoderLayer(vllm_config=vllm_config, prefix=prefix, reduces=reduces,
-                                        after_ladder=index - 1 in ladder, before_ladder=index + 1 in ladder)  # fmt: skip
+                                        after_ladder=index - 1 in ladder,
+                                        before_ladder=index + 1 in ladder)  # fmt: skip
 
+        # Inductor's reordering for peak memory moves each start down to just before its wait (a start allocates the
+        # sum's tensor), which leaves nothing to overlap. Set before LlamaModel's __init__, which sets up the compile.
+        vllm_config.compilation_config.inductor_compile_config.setdefault("reorder_for_peak_memory", False)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer)
         self.reduces, self.ends_with_ladder = reduces, config.num_hidden_layers - 1 in ladder
         if mode != "vllm" and get_tensor_model_parallel_world_size() > 1:

@@ -108,9 +108,17 @@ def overlapped_reduces(log: str) -> tuple[int, int]:
               if (m := re.match(r"\s*(buf\d+) = torch\.ops\.ladder\.start_all_reduce\.default\(", line))]  # fmt: skip
     overlapped = 0
     for start, buffer in starts:
-        reads = [i for i in range(start + 1, len(lines)) if re.search(rf"\b{buffer}\b", lines[i])]
-        assert reads and "wait_all_reduce" in lines[reads[0]], f"{buffer} is read before its wait: {lines[reads[0]]}"
-        overlapped += any("onednn_mm" in line or "extern_kernels.mm" in line for line in lines[start + 1 : reads[0]])
+        names, wait = {buffer}, None
+        for i in range(start + 1, len(lines)):
+            rename = re.fullmatch(r"\s*(buf\d+) = (buf\d+)", lines[i])  # inductor naming the op's output
+            if rename and rename.group(2) in names:
+                names.add(rename.group(1))
+            elif not re.match(r"\s*(del |assert_)", lines[i]) and re.search(rf"\b({'|'.join(names)})\b", lines[i]):
+                wait = i
+                break
+        assert wait is not None, f"{buffer} is never waited for"
+        assert "wait_all_reduce" in lines[wait], f"{buffer} is read before its wait: {lines[wait]}"
+        overlapped += any("onednn_mm" in line or "extern_kernels.mm" in line for line in lines[start + 1 : wait])
     return len(starts), overlapped
 
 
@@ -118,14 +126,12 @@ def test_vllm_compiled_keeps_the_overlap_under_tensor_parallelism(converted, pro
     """SmolLM2's 9 query heads split over 3 ranks, not 2 (vLLM needs whole heads per rank). The ladder all-reduces
     run asynchronously over gloo, with their sums made to land only at the wait (LADDER_VLLM_LATE_SUMS): a wait in
     the wrong place changes the tokens. Inductor's code keeps each start -> the next module's matmuls -> its wait."""
-    models = [converted["scattered"], converted["all30"]]
-    results, log = vllm_greedy(models, 3, prompts, environment={"LADDER_VLLM_LATE_SUMS": "1",
-                                                                "TORCH_LOGS": "output_code"})  # fmt: skip
-    for model in models:
-        assert results[model.name]["tokens"] == transformers_greedy(model, prompts), model.name
-    # The first graph is the scattered set's (4-8,14,20-28): 2 reduces per ladder layer and one for each of the 3
-    # standard layers just before one (3, 13, 19); all overlap but the MLP reduces of 8, 14 and 28, which the
-    # standard layer after them reads first.
+    model = converted["scattered"]  # at one rank the other wirings are compiled too (a 3-rank compile takes minutes)
+    results, log = vllm_greedy([model], 3, prompts, environment={"LADDER_VLLM_LATE_SUMS": "1",
+                                                                 "TORCH_LOGS": "output_code"})  # fmt: skip
+    assert results[model.name]["tokens"] == transformers_greedy(model, prompts)
+    # 4-8,14,20-28: 2 reduces per ladder layer and one for each of the 3 standard layers just before one (3, 13, 19);
+    # all overlap but the MLP reduces of 8, 14 and 28, which the standard layer after them reads first.
     assert overlapped_reduces(log) == (33, 30)
 
 
