@@ -1,7 +1,8 @@
 """vLLM speed of the same model with the standard wiring, the ladder wiring, and the ladder wiring with no
 communication (the bound), on vLLM's default compiled path, and the ladder wiring in eager mode, at tensor-parallel
-size 2: time to first token and decode tokens/s per batch size, and the ratios, in one run. Random weights (vLLM's `load_format="dummy"`) with Llama-3.1-8B's layer shapes, as
-`python -m ladder.serve bench` uses, so the two can be compared on the same machine.
+size 2: time to first token and decode tokens/s per batch size, and the ratios, in one run. Random weights (vLLM's
+`load_format="dummy"`) with Llama-3.1-8B's layer shapes, as `python -m ladder.serve bench` uses, so the two can be
+compared on the same machine.
 
     .venv-vllm/bin/python benchmarks/vllm_speed.py                  # loopback, CPU-sized defaults (2 cores)
     .venv-vllm/bin/python benchmarks/vllm_speed.py --slow-link      # over a link throttled to 6 Mbit/s each way
