@@ -129,9 +129,14 @@ def main() -> None:
         sys.exit(subprocess.run(["unshare", "--net", sys.executable, *sys.argv, "--inside-namespace"]).returncode)
     if args.inside_namespace:
         run_tool("ip", "link", "set", "lo", "up", "mtu", "1500")  # tbf drops whatever exceeds its burst: lo's 64k packets
-    batches = [int(b) for b in args.batch.split(",")]
     every_layer = list(range(args.layers))
-    ladder_layers = every_layer if args.ladder_layers == "all" else [int(i) for i in args.ladder_layers.split(",")]
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+        ladder_layers = every_layer if args.ladder_layers == "all" else [int(i) for i in args.ladder_layers.split(",")]
+    except ValueError:
+        parser.error("--batch and --ladder-layers take comma-separated integers (--ladder-layers also: all)")
+    if not set(ladder_layers) <= set(every_layer):
+        parser.error(f"--ladder-layers {args.ladder_layers}: layers are 0 to {args.layers - 1}")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(rank % os.cpu_count()) for rank in range(args.tp)))
     results = {}
