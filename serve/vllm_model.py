@@ -107,8 +107,8 @@ def _(total, after):
 class Reduces:
     """The asynchronous all-reduces of a ladder model's partial sums: `start` issues one and returns the tensor that
     will hold the sum, `wait` returns the sum. Both are custom ops, opaque to torch.compile, so the overlap survives
-    vLLM's default compiled path: inductor moves neither a wait above the work it names as `after` nor (with
-    `reorder_for_peak_memory` off, see LadderLlamaModel) a start down to its wait.
+    vLLM's default compiled path: inductor moves neither a wait above the work it names as `after` nor (with two of
+    its reorderings off, see LadderLlamaModel) a start down to its wait.
 
     On one rank `start` is still called, as a copy: a ladder layer reads its attention's output only after its MLP,
     and vLLM's CPU build writes each projection's output into a preallocated buffer (`_C.onednn_mm`) whose later reads
@@ -187,9 +187,13 @@ class LadderLlamaModel(LlamaModel):
                                         after_ladder=index - 1 in ladder,
                                         before_ladder=index + 1 in ladder)  # fmt: skip
 
-        # Inductor's reordering for peak memory moves each start down to just before its wait (a start allocates the
-        # sum's tensor), which leaves nothing to overlap. Set before LlamaModel's __init__, which sets up the compile.
-        vllm_config.compilation_config.inductor_compile_config.setdefault("reorder_for_peak_memory", False)
+        # Two of inductor's reorderings move a start down to just before its wait, which leaves nothing to overlap:
+        # the one for peak memory (a start allocates the sum's tensor), and the one for locality, which moves the
+        # producers of an op read by one consumer only to right before it (it spares torch's own collective waits,
+        # not ours): the MLP of a standard layer before a ladder layer, whose only reader is the wait after the
+        # ladder attention. Set before LlamaModel's __init__, which sets up the compile; a user's own setting wins.
+        for reordering in ("reorder_for_peak_memory", "reorder_for_locality"):
+            vllm_config.compilation_config.inductor_compile_config.setdefault(reordering, False)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer)
         self.reduces, self.ends_with_ladder = reduces, config.num_hidden_layers - 1 in ladder
         if mode != "vllm" and get_tensor_model_parallel_world_size() > 1:
