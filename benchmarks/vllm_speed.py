@@ -50,9 +50,12 @@ def measure(model: Path, args, batches: list[int], link, enforce_eager: bool) ->
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # A small token budget per step: the start-up's profiling run is that wide, and on 2 cores' memory a wide one
+    # does not fit beside the weights.
+    max_model_len = args.prompt_len + args.new_tokens + 8
     llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=args.tp,
-              dtype=args.dtype, enforce_eager=enforce_eager, max_model_len=args.prompt_len + args.new_tokens + 8,
-              max_num_seqs=max(batches), seed=0)  # fmt: skip
+              dtype=args.dtype, enforce_eager=enforce_eager, max_model_len=max_model_len, max_num_seqs=max(batches),
+              max_num_batched_tokens=max(256, max_model_len * max(batches)), seed=0)  # fmt: skip
 
     def seconds(batch: int, new_tokens: int) -> float:
         ids = [[(7 * i + j) % 1000 + 10 for j in range(args.prompt_len)] for i in range(batch)]  # distinct prompts
