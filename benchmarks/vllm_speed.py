@@ -6,7 +6,7 @@ compared on the same machine.
 
     .venv-vllm/bin/python benchmarks/vllm_speed.py                  # loopback, CPU-sized defaults (2 cores)
     .venv-vllm/bin/python benchmarks/vllm_speed.py --slow-link      # over a link throttled to 6 Mbit/s each way
-    .venv-vllm/bin/python benchmarks/vllm_speed.py --slow-link --ladder-layers 4,5,6,7   # the top half ladder
+    .venv-vllm/bin/python benchmarks/vllm_speed.py --slow-link --ladder-layers 2,3       # the top half ladder
     python benchmarks/vllm_speed.py --tp 8 --layers 32 --ladder-layers $(seq -s, 16 31) --batch 1,8,32 \\
         --prompt-len 1024 --new-tokens 128 --dtype bfloat16         # on 8 GPUs, with the plain `vllm` package
 
@@ -116,7 +116,7 @@ def print_table(results: dict[str, dict[int, dict]], link: str, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama-3.1-8b", choices=list(SHAPES))
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=4, help="default: what fits in 24 GiB at TP=2 in fp32")
     parser.add_argument("--ladder-layers", default="all", help="the ladder variants' ladder layers (default: all)")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--batch", default="1,4")
