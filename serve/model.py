@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from torch.profiler import record_function
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
@@ -183,10 +184,9 @@ class Block(nn.Module):
         cache.keys[:, :, start:end] = k
         cache.values[:, :, start:end] = v
         # A prompt from position 0 is causal over itself; a decode step's one query sees the whole cache; a prompt's
-        # later chunk (ISO) sees every key up to its own position, the earlier chunks' included.
-        mask = None
-        if start and length > 1:
-            mask = torch.arange(end, device=x.device) <= torch.arange(start, end, device=x.device)[:, None]
+        # later chunk (ISO) sees every key up to its own position, the earlier chunks' included. That is the causal
+        # mask aligned to the bottom right, which the fused kernels take as such (a boolean mask would not be fused).
+        mask = causal_lower_right(length, end) if start and length > 1 else None
         out = F.scaled_dot_product_attention(
             q, cache.keys[:, :, :end], cache.values[:, :, :end], attn_mask=mask,
             is_causal=mask is None and length > 1, enable_gqa=True,
