@@ -104,7 +104,8 @@ class CheckpointWeights:
 class RandomWeights:
     """Random slices of the tensors a named shape would have: only speed is measured on them."""
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+        self.dtype = dtype  # drawn in the serving dtype: no float32 copy of the large embedding, even for a moment
         hidden, inner = config.hidden_size, config.intermediate_size
         head_dim = hidden // config.num_attention_heads
         per_layer = {
@@ -128,7 +129,9 @@ class RandomWeights:
 
     def read(self, name: str, index=slice(None)) -> torch.Tensor:
         shape = torch.empty(self.shapes[name], device="meta")[index].shape
-        return torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape) * 0.02
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=self.dtype)
+        return torch.randn(shape, dtype=self.dtype) * 0.02
 
 
 @dataclass
@@ -346,7 +349,7 @@ def load_model(model: str, config: PretrainedConfig, rank: int, tp: int, dtype: 
     check_split(config, tp)
     if model in SHAPES:
         torch.manual_seed(0)  # the same replicated embedding on every rank
-    weights = RandomWeights(config) if model in SHAPES else CheckpointWeights(Path(model))
+    weights = RandomWeights(config, dtype) if model in SHAPES else CheckpointWeights(Path(model))
     return TensorParallelLlama(config, weights, rank, tp, dtype, device)
 
 
