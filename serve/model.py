@@ -272,7 +272,7 @@ class TensorParallelLlama(nn.Module):
             block.is_ladder = i in ladder_layers
         self.communicate = communicate and self.tp > 1
 
-    def all_reduce(self, x: torch.Tensor):
+    def all_reduce(self, x: torch.Tensor) -> Work:
         """Starts summing the ranks' partial outputs into `x`, in place: `wait` for the returned handle to read `x`."""
         return dist.all_reduce(x, async_op=True) if self.communicate else DONE
 
