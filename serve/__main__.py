@@ -2,7 +2,8 @@
 
 To serve a model, use vLLM (serve/vllm_model.py, README "Serving with vLLM"). This runner stays as the reference it
 is measured against: every all-reduce and every wait is in plain sight in serve/model.py, and `--profile` splits each
-rank's decode step into compute, head and the time spent waiting for each all-reduce.
+rank's decode step into compute, head and the time spent waiting for each all-reduce. `--iso` adds the standard and
+ladder wirings with ISO's two-chunk prefill (docs/iso-prefill.md), and then profiles prefills.
 
 Under `torchrun --nproc-per-node N` each process is one rank. Run without torchrun, `--tp N` starts the N ranks
 itself (on this machine's loopback, or with `bench --slow-link` in two network namespaces joined by a throttled link).
@@ -31,6 +32,7 @@ from .model import (
     ServeError,
     check_split,
     greedy_steps,
+    iso_split,
     load_config,
     load_model,
 )
@@ -48,7 +50,7 @@ def parse_args(argv):
     bench.add_argument("--ladder-layers", type=lambda spec: [int(i) for i in spec.split(",")], metavar="I,J,...",
                        help="the ladder variant's ladder layers (default: the checkpoint's, or every layer of a shape)")  # fmt: skip
     bench.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes")
-    bench.add_argument("--prompt-len", type=int, default=1024)
+    bench.add_argument("--prompt-len", default="1024", help="comma-separated prompt lengths")
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
     bench.add_argument(
@@ -57,8 +59,14 @@ def parse_args(argv):
     bench.add_argument("--link-rate", default="6mbit", help="bandwidth of the slow link, each way (tc units)")
     bench.add_argument("--link-delay-ms", type=float, default=0.0, help="one-way delay of the link (needs tc netem)")
     bench.add_argument(
+        "--iso", action="store_true",
+        help="also time standard+iso and ladder+iso: each prefill in two chunks, each chunk's all-reduces overlapping "
+        "the other's compute (ISO)",
+    )  # fmt: skip
+    bench.add_argument(
         "--profile", type=int, nargs="?", const=3, default=0, metavar="STEPS",
-        help="then profile STEPS (default 3) decode steps per variant on CPU and print where each rank's time goes",
+        help="then profile STEPS (default 3) decode steps (with --iso: prefills) per variant on CPU and print where "
+        "each rank's time goes",
     )  # fmt: skip
     bench.add_argument("--profile-dir", help="with --profile, also write each rank's Chrome trace (Perfetto) there")
     bench.add_argument("--tp", type=int, help="tensor-parallel size (default: torchrun's world size, else 1)")
@@ -94,12 +102,26 @@ def validate(args, tp: int):
         raise ServeError(f"--slow-link joins exactly 2 ranks; got tensor-parallel size {tp}")
     if args.profile_dir and not args.profile:
         raise ServeError("--profile-dir needs --profile")
+    positive_ints(args.batch, "--batch")
+    if args.iso and min(positive_ints(args.prompt_len, "--prompt-len")) < 2:
+        raise ServeError("--iso splits each prompt in two chunks: every --prompt-len must be at least 2")
     config = load_config(args.model, args.layers)
     check_split(config, tp)
     outside = [i for i in getattr(args, "ladder_layers", None) or [] if not 0 <= i < config.num_hidden_layers]
     if outside:
         raise ServeError(f"--ladder-layers {outside} are outside the model's layers 0-{config.num_hidden_layers - 1}")
     return config
+
+
+def positive_ints(spec: str, option: str) -> list[int]:
+    """`--batch 1,4,16` or `--prompt-len 256,1024` as integers."""
+    try:
+        values = [int(value) for value in spec.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ServeError(f"{option} {spec}: give comma-separated positive integers")
+    return values
 
 
 # --- one rank ------------------------------------------------------------------------------------------------------
@@ -135,12 +157,12 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_generation(model, ids, new_tokens: int, device) -> torch.Tensor:
+def timed_generation(model, ids, new_tokens: int, iso: bool, device) -> torch.Tensor:
     """Seconds of prefill and of the decode steps, the slowest rank's."""
     if dist.is_initialized():
         dist.barrier()
     synchronize(device)
-    steps = greedy_steps(model, ids, new_tokens)
+    steps = greedy_steps(model, ids, new_tokens, iso)
     start = time.perf_counter()
     next(steps)
     synchronize(device)
@@ -156,77 +178,109 @@ def timed_generation(model, ids, new_tokens: int, device) -> torch.Tensor:
 
 def bench(args, model, rank: int, device) -> None:
     ladder_layers = args.ladder_layers or [i for i, block in enumerate(model.blocks) if block.is_ladder]
-    variants = {"standard": ([], True), "ladder": (ladder_layers, True), "no-comm": (ladder_layers, False)}
+    variants = {}  # name: (ladder layers, communicate, iso)
+    for name, layers in {"standard": [], "ladder": ladder_layers}.items():
+        variants[name] = (layers, True, False)
+        if args.iso:
+            variants[f"{name}+iso"] = (layers, True, True)
+    variants["no-comm"] = (ladder_layers, False, False)
     if rank == 0:
         delay = f", {args.link_delay_ms} ms" if args.link_delay_ms else ""
         link = f"slow link {args.link_rate}{delay}" if args.slow_link else "loopback"
         backend = dist.get_backend() if dist.is_initialized() else "single process"
         print(
             f"{args.model}: {len(model.blocks)} layers ({len(ladder_layers)} ladder), tp {model.tp}, {backend} on "
-            f"{device.type} ({torch.get_num_threads()} threads/rank), {model.dtype}, {link}; prompt {args.prompt_len}, "
-            f"{args.new_tokens} new tokens, median of {args.repeats}"
+            f"{device.type} ({torch.get_num_threads()} threads/rank), {model.dtype}, {link}; {args.new_tokens} new "
+            f"tokens, median of {args.repeats}"
         )
-        print(f"{'batch':>5}  {'variant':<9} {'prefill ms':>11} {'decode tok/s':>13}")
-    for batch in [int(b) for b in args.batch.split(",")]:
-        prompts = torch.Generator().manual_seed(0)  # the same prompts on every rank
-        ids = torch.randint(model.config.vocab_size, (batch, args.prompt_len), generator=prompts).to(device)
-        runs = {name: [] for name in variants}
-        for repeat in range(args.repeats + 1):  # round 0 warms up; variants interleave so drift hits them alike
-            for name, (layers, communicate) in variants.items():
-                model.rewire(layers, communicate)
-                seconds = timed_generation(model, ids, args.new_tokens if repeat else 2, device)
-                if repeat:
-                    runs[name].append(seconds)
-        prefill = {name: statistics.median(s[0].item() for s in times) for name, times in runs.items()}
-        decode = {
-            name: batch * (args.new_tokens - 1) / statistics.median(s[1].item() for s in times)
-            for name, times in runs.items()
-        }
-        if rank == 0:
-            for name in variants:
-                print(f"{batch:>5}  {name:<9} {prefill[name] * 1e3:>11.1f} {decode[name]:>13.2f}")
-            print(
-                f"{batch:>5}  ladder/standard: prefill x{prefill['standard'] / prefill['ladder']:.2f}, "
-                f"decode x{decode['ladder'] / decode['standard']:.2f};  ladder/no-comm: prefill "
-                f"x{prefill['no-comm'] / prefill['ladder']:.2f}, decode x{decode['ladder'] / decode['no-comm']:.2f}"
-            )
-        if args.profile:
-            profile_variants(args, model, ids, variants, rank)
+        print(f"{'batch':>5} {'prompt':>6}  {'variant':<12} {'prefill ms':>11} {'decode tok/s':>13}")
+    for batch in positive_ints(args.batch, "--batch"):
+        for prompt_len in positive_ints(args.prompt_len, "--prompt-len"):
+            prompts = torch.Generator().manual_seed(0)  # the same prompts on every rank
+            ids = torch.randint(model.config.vocab_size, (batch, prompt_len), generator=prompts).to(device)
+            prefill, decode = timed_variants(args, model, ids, variants, device)
+            if rank == 0:
+                print_results(f"{batch:>5} {prompt_len:>6}", prefill, decode)
+                if args.iso:
+                    first = iso_split(model.config, 0, prompt_len)
+                    print(f"{batch:>5} {prompt_len:>6}  iso chunks: {first} + {prompt_len - first} tokens")
+            if args.profile:
+                profile_variants(args, model, ids, variants, rank, f"{batch:>5} {prompt_len:>6}")
 
 
-# A decode step's host time, split by the outermost of these regions it is in; the rest is "other".
+def timed_variants(args, model, ids, variants, device) -> tuple[dict, dict]:
+    """Each variant's median prefill seconds and decode tokens/s."""
+    runs = {name: [] for name in variants}
+    for repeat in range(args.repeats + 1):  # round 0 warms up; variants interleave so drift hits them alike
+        for name, (layers, communicate, iso) in variants.items():
+            model.rewire(layers, communicate)
+            seconds = timed_generation(model, ids, args.new_tokens if repeat else 2, iso, device)
+            if repeat:
+                runs[name].append(seconds)
+    prefill = {name: statistics.median(s[0].item() for s in times) for name, times in runs.items()}
+    decode = {
+        name: ids.shape[0] * (args.new_tokens - 1) / statistics.median(s[1].item() for s in times)
+        for name, times in runs.items()
+    }
+    return prefill, decode
+
+
+def print_results(row: str, prefill: dict, decode: dict) -> None:
+    """One line per variant, then the speed-ups: "A/B: prefill x2" means A's prefill takes half B's time."""
+    for name in prefill:
+        print(f"{row}  {name:<12} {prefill[name] * 1e3:>11.1f} {decode[name]:>13.2f}")
+    print(
+        f"{row}  ladder/standard: prefill x{prefill['standard'] / prefill['ladder']:.2f}, "
+        f"decode x{decode['ladder'] / decode['standard']:.2f};  ladder/no-comm: prefill "
+        f"x{prefill['no-comm'] / prefill['ladder']:.2f}, decode x{decode['ladder'] / decode['no-comm']:.2f}"
+    )
+    if "ladder+iso" in prefill:
+        print(
+            f"{row}  standard+iso/standard: prefill x{prefill['standard'] / prefill['standard+iso']:.2f};  "
+            f"ladder+iso/ladder: prefill x{prefill['ladder'] / prefill['ladder+iso']:.2f};  "
+            f"ladder+iso/no-comm: prefill x{prefill['no-comm'] / prefill['ladder+iso']:.2f}"
+        )
+
+
+# A step's host time, split by the outermost of these regions it is in; the rest is "other".
 PROFILED = {WAIT_ATTENTION: "wait attn", WAIT_MLP: "wait mlp", "c10d::allreduce_": "AR launch",
             "aten::linear": "linear", HEAD: "lm_head"}  # fmt: skip
 COLUMNS = ["step", *PROFILED.values(), "other", "AR running"]
 
 
-def profile_variants(args, model, ids, variants, rank: int) -> None:
-    """Prints each variant's and rank's milliseconds per decode step in COLUMNS: where the overlap falls short."""
-    batch = ids.shape[0]
+def profile_variants(args, model, ids, variants, rank: int, row: str) -> None:
+    """Prints each variant's and rank's milliseconds per decode step (with --iso: per prefill) in COLUMNS: where the
+    overlap falls short."""
+    step = "prefill" if args.iso else "decode step"
     if rank == 0:
         print(
-            f"{batch:>5}  profile: host ms per decode step (mean of {args.profile}); wait attn/mlp: blocked on that "
+            f"{row}  profile: host ms per {step} (mean of {args.profile}); wait attn/mlp: blocked on that "
             "all-reduce; AR running: all-reduces in flight on gloo's threads"
         )
-        print(f"{'batch':>5}  {'variant':<9} {'rank':>4}" + "".join(f"{name:>11}" for name in COLUMNS))
-    for name, (layers, communicate) in variants.items():
+        print(f"{'batch':>5} {'prompt':>6}  {'variant':<12} {'rank':>4}" + "".join(f"{name:>11}" for name in COLUMNS))
+    for name, (layers, communicate, iso) in variants.items():
         model.rewire(layers, communicate)
-        trace = args.profile_dir and Path(args.profile_dir) / f"batch{batch}-{name}-rank{rank}.json"
-        times = profiled_decode(model, ids, args.profile, trace)
+        trace_name = f"batch{ids.shape[0]}-prompt{ids.shape[1]}-{name}-rank{rank}.json"
+        trace = args.profile_dir and Path(args.profile_dir) / trace_name
+        times = profiled_steps(model, ids, args.profile, args.iso, iso, trace)
         rows = [times]
         if dist.is_initialized():  # every rank's, for rank 0 to print
             rows = [torch.empty_like(times) for _ in range(dist.get_world_size())]
             dist.all_gather(rows, times)
         if rank == 0:
-            for r, row in enumerate(rows):
-                print(f"{batch:>5}  {name:<9} {r:>4}" + "".join(f"{ms:>11.1f}" for ms in row.tolist()))
+            for r, times in enumerate(rows):
+                print(f"{row}  {name:<12} {r:>4}" + "".join(f"{ms:>11.1f}" for ms in times.tolist()))
 
 
-def profiled_decode(model, ids, steps: int, trace: Path | None) -> torch.Tensor:
-    """This rank's milliseconds per decode step in COLUMNS, over `steps` steps after the prefill and a warm-up step."""
-    tokens = greedy_steps(model, ids, steps + 2)
-    next(tokens)  # the prefill
-    next(tokens)  # a first decode step
+def profiled_steps(model, ids, steps: int, prefill: bool, iso: bool, trace: Path | None) -> torch.Tensor:
+    """This rank's milliseconds per step in COLUMNS, over `steps` steps after a warm-up one: decode steps after the
+    prefill, or with `prefill` whole prefills (in ISO's two chunks with `iso`)."""
+    if prefill:
+        tokens = (next(greedy_steps(model, ids, 1, iso)) for _ in range(steps + 1))
+    else:
+        tokens = greedy_steps(model, ids, steps + 2)
+        next(tokens)  # the prefill
+    next(tokens)  # the warm-up step
     if dist.is_initialized():
         dist.barrier()
     with profile(activities=[ProfilerActivity.CPU]) as profiler:

@@ -7,6 +7,7 @@ all-reduce completes. The embedding, the final norm and the head are replicated.
 
 import json
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from torch.profiler import record_function
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
@@ -102,7 +104,8 @@ class CheckpointWeights:
 class RandomWeights:
     """Random slices of the tensors a named shape would have: only speed is measured on them."""
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+        self.dtype = dtype  # drawn in the serving dtype: no float32 copy of the large embedding, even for a moment
         hidden, inner = config.hidden_size, config.intermediate_size
         head_dim = hidden // config.num_attention_heads
         per_layer = {
@@ -126,7 +129,9 @@ class RandomWeights:
 
     def read(self, name: str, index=slice(None)) -> torch.Tensor:
         shape = torch.empty(self.shapes[name], device="meta")[index].shape
-        return torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape) * 0.02
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=self.dtype)
+        return torch.randn(shape, dtype=self.dtype) * 0.02
 
 
 @dataclass
@@ -181,10 +186,14 @@ class Block(nn.Module):
         end = start + length
         cache.keys[:, :, start:end] = k
         cache.values[:, :, start:end] = v
-        # Prefill starts at position 0 (causal over the prompt); a decode step's one query sees the whole cache.
+        # A prompt from position 0 is causal over itself; a decode step's one query sees the whole cache; a prompt's
+        # later chunk (ISO) sees every key up to its own position, the earlier chunks' included. That is the causal
+        # mask aligned to the bottom right, which the fused kernels take as such (a boolean mask would not be fused).
+        mask = causal_lower_right(length, end) if start and length > 1 else None
         out = F.scaled_dot_product_attention(
-            q, cache.keys[:, :, :end], cache.values[:, :, :end], is_causal=length > 1, enable_gqa=True
-        )
+            q, cache.keys[:, :, :end], cache.values[:, :, :end], attn_mask=mask,
+            is_causal=mask is None and length > 1, enable_gqa=True,
+        )  # fmt: skip
         return F.linear(out.transpose(1, 2).reshape(batch, length, -1), self.o)
 
     @record_function(MLP)
@@ -201,13 +210,42 @@ class Done:
 
 
 DONE = Done()
+Work = Done | dist.Work  # an all-reduce's handle
 
 
-def wait(work, label: str) -> None:
+def wait(work: Work, label: str) -> None:
     """Blocks until the all-reduce `work` is done; a profile times the wait under `label` (a DONE one has none)."""
     if work is not DONE:
         with record_function(label):
             work.wait()
+
+
+@dataclass
+class Chunk:
+    """Consecutive tokens on their way through the layers: the residual stream A (before an attention's output is
+    added) and H = A + m, and the attention and MLP outputs a and m, partial sums until their all-reduce is done."""
+
+    start: int  # the position of the first token
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    A: torch.Tensor
+    m: torch.Tensor
+    m_work: Work = DONE
+    H: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    a_work: Work = DONE
+
+
+def iso_split(config: PretrainedConfig, start: int, length: int) -> int:
+    """How many of `length` tokens (from position `start`) go into ISO's first chunk: the two chunks then cost about
+    the same FLOPs. Projections and MLP cost the same per token, but a token's attention reads every key before it,
+    so the second chunk's tokens cost more and the first chunk gets more of them."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    hidden = config.hidden_size
+    projections = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * config.intermediate_size  # per token
+    per_key = 2 * heads * head_dim  # multiply-adds of one query against one key: its score and its share of the sum
+    costs = list(accumulate(projections + per_key * (position + 1) for position in range(start, start + length)))
+    return min(range(1, length), key=lambda first: abs(2 * costs[first - 1] - costs[-1]))
 
 
 class TensorParallelLlama(nn.Module):
@@ -234,7 +272,7 @@ class TensorParallelLlama(nn.Module):
             block.is_ladder = i in ladder_layers
         self.communicate = communicate and self.tp > 1
 
-    def all_reduce(self, x: torch.Tensor):
+    def all_reduce(self, x: torch.Tensor) -> Work:
         """Starts summing the ranks' partial outputs into `x`, in place: `wait` for the returned handle to read `x`."""
         return dist.all_reduce(x, async_op=True) if self.communicate else DONE
 
@@ -245,37 +283,65 @@ class TensorParallelLlama(nn.Module):
         self.caches = [KVCache(*torch.empty((2, *shape), dtype=self.dtype, device=device)) for _ in self.blocks]
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """The next-token logits (batch, vocab) after `ids`, whose first token sits at position `start`."""
-        A = self.embedding(ids)
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
-        cos_sin = self.rotary(A, positions)
-        # H = A + m once m_work is done: a ladder MLP's output stays in flight across the next layer's attention.
-        m, m_work = torch.zeros_like(A), DONE
+    def forward(self, ids: torch.Tensor, start: int, iso: bool = False) -> torch.Tensor:
+        """The next-token logits (batch, vocab) after `ids`, whose first token sits at position `start`.
+
+        With `iso`, several tokens go through in two chunks (ISO, arXiv 2409.11155): each chunk's all-reduces run
+        while the other chunk computes. The same sums, so the same logits and KV cache up to float rounding.
+        """
+        length = ids.shape[1]
+        first = iso_split(self.config, start, length) if iso and length > 1 else length
+        chunks = [self.chunk(ids[:, :first], start)]
+        if first < length:
+            chunks.append(self.chunk(ids[:, first:], start + first))
         for block, cache in zip(self.blocks, self.caches):
             if block.is_ladder:
-                a = block.attention(A, cos_sin, cache, start)
-                a_work = self.all_reduce(a)  # overlaps this layer's MLP
-                wait(m_work, WAIT_MLP)
-                H = A + m
-                m = block.mlp(H)
-                m_work = self.all_reduce(m)  # overlaps the next layer's attention, which reads A only
-                wait(a_work, WAIT_ATTENTION)
-                A = H + a
-            else:  # the attention's all-reduce blocks; the MLP's is waited for where H is first read
-                wait(m_work, WAIT_MLP)
-                H = A + m
-                a = block.attention(H, cos_sin, cache, start)
-                wait(self.all_reduce(a), WAIT_ATTENTION)
-                A = H + a
-                m = block.mlp(A)
-                # A standard layer next waits at once; a ladder layer next runs its attention (it reads A) meanwhile,
-                # so ladder layers scattered among standard ones hide as much as a contiguous block of them.
-                m_work = self.all_reduce(m)
-        wait(m_work, WAIT_MLP)
-        H = A + m
+                self.ladder_layer(block, cache, chunks)
+            else:
+                self.standard_layer(block, cache, chunks)
+        for chunk in chunks:
+            wait(chunk.m_work, WAIT_MLP)
+        H = chunks[-1].A + chunks[-1].m
         with record_function(HEAD):
             return F.linear(self.norm(H[:, -1]), self.head)
+
+    def chunk(self, ids: torch.Tensor, start: int) -> Chunk:
+        A = self.embedding(ids)
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
+        return Chunk(start, self.rotary(A, positions), A, m=torch.zeros_like(A))
+
+    # Each loop runs the chunks in order, so a later chunk's attention finds the earlier chunks' keys in the cache,
+    # and each chunk's all-reduce runs while the next chunk computes the same module (the last one's, while the first
+    # one computes the next module). With one chunk, both are the plain wiring.
+
+    def standard_layer(self, block: Block, cache: KVCache, chunks: list[Chunk]) -> None:
+        """The attention's all-reduce is waited for before the MLP; the MLP's where H is first read."""
+        for c in chunks:
+            wait(c.m_work, WAIT_MLP)
+            c.H = c.A + c.m
+            c.a = block.attention(c.H, c.cos_sin, cache, c.start)
+            c.a_work = self.all_reduce(c.a)
+        for c in chunks:
+            wait(c.a_work, WAIT_ATTENTION)
+            c.A = c.H + c.a
+            c.m = block.mlp(c.A)
+            # A standard layer next waits at once; a ladder layer next runs its attention (it reads A) meanwhile,
+            # so ladder layers scattered among standard ones hide as much as a contiguous block of them.
+            c.m_work = self.all_reduce(c.m)
+
+    def ladder_layer(self, block: Block, cache: KVCache, chunks: list[Chunk]) -> None:
+        """H = A + m once m_work is done: a ladder MLP's output stays in flight across the next layer's attention."""
+        for c in chunks:
+            c.a = block.attention(c.A, c.cos_sin, cache, c.start)
+            c.a_work = self.all_reduce(c.a)  # overlaps this layer's MLP
+        for c in chunks:
+            wait(c.m_work, WAIT_MLP)
+            c.H = c.A + c.m
+            c.m = block.mlp(c.H)
+            c.m_work = self.all_reduce(c.m)  # overlaps the next layer's attention, which reads A only
+        for c in chunks:
+            wait(c.a_work, WAIT_ATTENTION)
+            c.A = c.H + c.a
 
 
 def load_model(model: str, config: PretrainedConfig, rank: int, tp: int, dtype: torch.dtype, device):
@@ -283,15 +349,15 @@ def load_model(model: str, config: PretrainedConfig, rank: int, tp: int, dtype: 
     check_split(config, tp)
     if model in SHAPES:
         torch.manual_seed(0)  # the same replicated embedding on every rank
-    weights = RandomWeights(config) if model in SHAPES else CheckpointWeights(Path(model))
+    weights = RandomWeights(config, dtype) if model in SHAPES else CheckpointWeights(Path(model))
     return TensorParallelLlama(config, weights, rank, tp, dtype, device)
 
 
-def greedy_steps(model: TensorParallelLlama, ids: torch.Tensor, new_tokens: int):
-    """Yields each new token (batch,) with the logits it was chosen from (batch, vocab): the first after the prefill,
-    each later one after a decode step."""
+def greedy_steps(model: TensorParallelLlama, ids: torch.Tensor, new_tokens: int, iso: bool = False):
+    """Yields each new token (batch,) with the logits it was chosen from (batch, vocab): the first after the prefill
+    (in ISO's two chunks with `iso`), each later one after a decode step."""
     model.allocate_cache(ids.shape[0], ids.shape[1] + new_tokens)
-    logits = model(ids, start=0)
+    logits = model(ids, start=0, iso=iso)
     for step in range(new_tokens):
         token = logits.argmax(-1)
         yield token, logits
