@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -351,8 +352,25 @@ def write_ladder_config(directory: Path, config: dict, layers: list[int]) -> Non
 
 
 def tool_stamp(tool: str) -> dict:
-    """Which of our commands wrote a provenance entry, in which version, when."""
-    return {"tool": tool, "tool_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    """Which of our commands wrote a provenance entry, in which version (and commit, run from a git checkout), when."""
+    stamp = {"tool": tool, "tool_version": __version__, **source_commit()}
+    return stamp | {"created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def source_commit() -> dict:
+    """The git commit of the source checkout this package runs from (an editable install), and whether its tracked
+    files differ from it; nothing for an installed release, or without git."""
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / ".git").exists():
+        return {}
+    git = ["git", "-C", str(checkout)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, timeout=10, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit.stdout.strip(), "git_modified": bool(changed.stdout.strip())}
 
 
 def read_provenance(directory: Path) -> dict:
