@@ -105,7 +105,8 @@ def run_gate(
 
 
 def measure(model, tokenizer, gates: GatesFile, manager, reference: dict | None = None):
-    """Without `reference`: the reference's raw results (cacheable). With it: {metric: (reference, candidate)}."""
+    """Without `reference`: the reference's raw results (cacheable). With it: {metric: (reference, candidate,
+    reference stderr, candidate stderr)}."""
     suite = gates.suite
     raw, metrics = {}, {}
     if suite.fidelity:
@@ -119,7 +120,7 @@ def measure(model, tokenizer, gates: GatesFile, manager, reference: dict | None 
         if reference is None:
             raw["benchmarks"] = scores
         else:
-            metrics |= {name: (reference["benchmarks"][name], value) for name, value in scores.items()}
+            metrics |= harness.paired(reference["benchmarks"], scores)
     if suite.generation:
         answers = generation.greedy_answers(model, tokenizer, suite.generation)
         if reference is None:
