@@ -37,6 +37,10 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 MODELING_FILES = ("configuration_ladder_llama.py", "modeling_ladder_llama.py")  # shipped as remote code
 MODEL_CODE_DIR = Path(inspect.getfile(LadderLlamaConfig)).parent  # where the installed package keeps them
 PROVENANCE_FILE = "ladder_provenance.json"
+# Beside an original that is not its Hub weights (ladder-fetch-smollm2's dequantized GGUF): what it was made from.
+# ladder-convert copies it into the provenance under SOURCE_ORIGIN, and the model card says so.
+ORIGIN_FILE = "ladder_origin.json"
+SOURCE_ORIGIN = "source_origin"
 # Everything a user needs beside the weights, by name; Meta's `original/` folder and pickled weights stay behind.
 SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
@@ -380,6 +384,12 @@ def read_provenance(directory: Path) -> dict:
     if not isinstance(provenance.get("source"), str):
         raise CheckpointError(f"{directory / PROVENANCE_FILE} names no source (the original model)")
     return provenance
+
+
+def read_origin(directory: Path) -> dict | None:
+    """What `directory` (an original) was made from, when ORIGIN_FILE says it."""
+    path = directory / ORIGIN_FILE
+    return read_json_object(path, "") if os.path.lexists(path) else None
 
 
 def write_provenance(directory: Path, provenance: dict) -> None:
