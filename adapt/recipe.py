@@ -94,7 +94,8 @@ def parser() -> TrlParser:
 
 def help_text() -> str:
     """Our keys first, with their choices; TRL's after."""
-    ours, theirs = (options(TrlParser(sections)) for sections in (LadderArguments, (ModelConfig, DatasetMixtureConfig, SFTConfig)))
+    ours = options(TrlParser(LadderArguments))
+    theirs = options(TrlParser((ModelConfig, DatasetMixtureConfig, SFTConfig)))
     return (
         f"{USAGE}\n\nHeal a converted ladder model with TRL, gated before and after. Every key can be set in the "
         "recipe (key: value) or on the command line (--key value, or --key-name value).\n\n"
@@ -115,7 +116,7 @@ def parse_recipe(argv: list[str]) -> Recipe:
     path = Path(argv[0])
     if not path.is_file():
         raise RecipeError(f"recipe {argv[0]} does not exist")
-    if "--dry_run" in argv or "--dry-run" in argv:  # a GPU recipe checked on a CPU machine: SFTConfig refuses bf16 there otherwise
+    if "--dry_run" in argv or "--dry-run" in argv:  # a GPU recipe checked on a CPU: SFTConfig refuses bf16 there otherwise
         argv = [*argv, "--use_cpu", "true"]
     try:
         with warnings.catch_warnings():
@@ -193,7 +194,9 @@ def validate(recipe: Recipe) -> None:
         if choices and getattr(ladder, item.name) not in choices:
             raise RecipeError(f"{item.name} must be one of {', '.join(choices)}, not {getattr(ladder, item.name)!r}")
     if recipe.training.push_to_hub:
-        raise RecipeError("push_to_hub would publish the model before its gate: publish the healed model with ladder-publish")
+        raise RecipeError(
+            "push_to_hub would publish the model before its gate: publish the healed model with ladder-publish"
+        )
     if not 0 <= ladder.distill_alpha <= 1:
         raise RecipeError(f"distill_alpha must be in [0, 1], not {ladder.distill_alpha}")
     if ladder.distill_temperature <= 0:
