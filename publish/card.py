@@ -226,7 +226,7 @@ def tensor_parallel_size(config: dict) -> int:
 def local_name(name: str) -> str:
     """A Hub id as it is; a local path by its last component only: the card names nothing of the machine that built
     it."""
-    return name if HUB_ID.fullmatch(name) and not Path(name).is_absolute() else Path(name).name
+    return name if HUB_ID.fullmatch(name) and not Path(name).exists() else Path(name).name
 
 
 def title(facts: CardFacts) -> str:
