@@ -320,34 +320,43 @@ def test_8b_recipe_dry_run_prints_the_plan_and_the_memory_per_gpu(options, launc
     assert fits or result.stderr == "ladder-heal: error: the run does not fit 80 GB per device (plan above)\n"
 
 
-def test_help_lists_our_keys_with_their_choices_before_trls_without_a_recipe():
-    result = subprocess.run([REPO / ".venv/bin/ladder-heal", "--help"], capture_output=True, text=True, cwd="/")
-    assert result.returncode == 0, result.stderr
-    ours, theirs = result.stdout.split("TRL's keys")
+def test_help_lists_our_keys_with_their_choices_before_trls_without_a_recipe(capsys):
+    from ladder.adapt import sft as sft_script
+
+    assert sft_script.main(["--help"]) == 0
+    ours, theirs = capsys.readouterr().out.split("TRL's keys")
     assert "--train_layers {all,ladder}, --train-layers {all,ladder}" in ours
     assert "--align-inputs {teacher,student}" in ours and "--dataset-template {none,alpaca,sharegpt}" in ours
     assert "--learning_rate" not in ours and "--learning_rate LEARNING_RATE" in theirs and "--lora_r" in theirs
 
 
-def test_a_copied_recipe_runs_from_anywhere_and_a_recipe_names_its_files_relative_to_itself(tiny_pair, tmp_path):
-    heal = REPO / ".venv/bin/ladder-heal"
-    copied = subprocess.run([heal, "--copy-recipe", "smollm2-135m", tmp_path], capture_output=True, text=True, cwd=tmp_path)
+def test_a_copied_recipe_runs_from_anywhere_and_a_recipe_names_its_files_relative_to_itself(
+    tiny_pair, tmp_path, monkeypatch, capsys
+):
+    from ladder.adapt import sft as sft_script
+
+    heal = REPO / ".venv/bin/ladder-heal"  # the console script, from a folder that is not the repository
+    copied = subprocess.run([heal, "--copy-recipe", "smollm2-135m", tmp_path], capture_output=True, text=True, cwd="/")
     assert copied.returncode == 0 and copied.stdout == f"{tmp_path / 'smollm2-135m.yaml'}\n", copied.stderr
     recipe = yaml.safe_load((tmp_path / "smollm2-135m.yaml").read_text())
     assert [Path(d["data_files"]) for d in recipe["datasets"]] == [REPO / "gates/data/alpaca_5000.json",
                                                                    REPO / "gates/data/gsm8k_train_2000.json"]  # fmt: skip
-    again = subprocess.run([heal, "--copy-recipe", "smollm2-135m", tmp_path], capture_output=True, text=True)
-    assert again.returncode == 2 and again.stderr.endswith("smollm2-135m.yaml exists: choose another destination\n")
+    with pytest.raises(SystemExit):
+        sft_script.main(["--copy-recipe", "smollm2-135m", str(tmp_path)])
+    assert capsys.readouterr().err.endswith("smollm2-135m.yaml exists: choose another destination\n")
 
     _, ladder = tiny_pair  # a recipe in its own folder, its data beside it, run from elsewhere
     (tmp_path / "mine" / "data").mkdir(parents=True)
     shutil.copy(REPO / "gates/data/alpaca_5000.json", tmp_path / "mine" / "data" / "a.json")
     mine = write_recipe(tmp_path / "mine" / "r.yaml", ladder, tmp_path / "run", dry_run=True,
                         datasets=[{"path": "json", "data_files": "data/a.json", "split": "train[:20]"}])  # fmt: skip
-    planned = subprocess.run([heal, mine], capture_output=True, text=True, cwd="/")
-    assert planned.returncode == 0 and "memory plan per device: one process" in planned.stdout, planned.stderr[-2000:]
-    from_here = subprocess.run([heal, mine, "--gates-file", "gates.yaml"], capture_output=True, text=True, cwd=tmp_path)
-    assert from_here.stderr == "ladder-heal: error: gates file gates.yaml does not exist\n"  # the command line's: from here
+    monkeypatch.chdir("/")
+    assert sft_script.main([str(mine)]) == 0
+    assert "memory plan per device: one process" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        sft_script.main([str(mine), "--gates-file", "gates.yaml"])  # the command line's: from here
+    assert capsys.readouterr().err == "ladder-heal: error: gates file gates.yaml does not exist\n"
 
 
 def test_default_recipe_never_trains_on_the_gates_heldout_rows():
