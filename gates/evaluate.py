@@ -219,6 +219,7 @@ def _cache_file(reference_dir: Path, gates: GatesFile, device: torch.device, dty
         "weights": weights,
         "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in small_files if f.is_file()},
         "suite": gates.suite.as_dict(), "device": device.type, "dtype": str(dtype), "version": ladder.__version__,
+        "results": "with standard errors",  # results cached before they were recorded are measured again
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return ladder.cache_root() / "gates" / f"reference-{digest}.pt"
