@@ -61,8 +61,8 @@ demo: setup
 	smollm2=$$($(VENV)/bin/ladder-fetch-smollm2) && \
 	$(VENV)/bin/ladder-convert "$$smollm2" --layers $(DEMO_LAYERS) --output $(RUN) --overwrite && \
 	rm -rf $(RUN)-demo && \
-	{ $(PY) adapt/sft.py recipes/smollm2-135m.yaml --max_train_tokens $(DEMO_TOKENS) --output_dir $(RUN)-demo \
-		--save_steps 1000 --logging_steps 1; [ $$? -le 1 ]; } && \
+	{ $(VENV)/bin/ladder-heal recipes/smollm2-135m.yaml --max-train-tokens $(DEMO_TOKENS) --output-dir $(RUN)-demo \
+		--save-steps 1000 --logging-steps 1; [ $$? -le 1 ]; } && \
 	$(VENV)/bin/ladder-publish $(RUN)-demo/final --export $(EXPORT) --overwrite --force \
 		--base-model HuggingFaceTB/SmolLM2-135M-Instruct --license apache-2.0 && \
 	sed -n '/^## Evaluation/,/^## Usage/p' $(EXPORT)/README.md | head -n -1 && \

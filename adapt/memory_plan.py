@@ -1,5 +1,5 @@
 """Per-device memory of a training run, planned before anything loads, from the recipe, the launch config (an
-accelerate YAML) and the number and size of the devices; `adapt/sft.py RECIPE --dry_run true` prints it.
+accelerate YAML) and the number and size of the devices; `ladder-heal RECIPE --dry-run` prints it.
 
 Parameters are counted exactly, on the model built on the meta device with the recipe's freezing and LoRA applied as
 training applies them. Activations and logits are estimates of what autograd keeps at the recipe's micro-batch
@@ -35,16 +35,20 @@ class Launch:
     zero: bool = False
 
 
-def read_launch(path: str | None, processes: int) -> Launch:
-    """The sharding an accelerate launch config asks for; every config this plan cannot describe is a RecipeError."""
-    replicated = Launch("DDP" if processes > 1 else "one process", processes, sharded=False)
+def read_launch(path: str | None, processes: int | None) -> Launch:
+    """The sharding an accelerate launch config asks for, on `processes` devices (default: the config's
+    num_processes, as `accelerate launch` reads it); every config this plan cannot describe is a RecipeError."""
     if path is None:
-        return replicated
+        return replicated(processes or 1)
     try:
         config = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
         raise RecipeError(f"launch config {path} cannot be read ({str(error).splitlines()[0]})") from None
-    kind = config.get("distributed_type") if isinstance(config, dict) else None
+    config = config if isinstance(config, dict) else {}
+    kind = config.get("distributed_type")
+    processes = processes or config.get("num_processes") or 1
+    if not isinstance(processes, int) or processes < 1:
+        raise RecipeError(f"launch config {path}: num_processes {processes!r} is not a positive integer")
     if kind == "FSDP":
         fsdp = config.get("fsdp_config") or {}
         if not fsdp.get("fsdp_reshard_after_forward", True) or fsdp.get("fsdp_offload_params"):
@@ -57,8 +61,12 @@ def read_launch(path: str | None, processes: int) -> Launch:
             raise RecipeError(f"launch config {path}: the plan covers ZeRO stage 3 without offload only")
         return Launch("ZeRO-3", processes, sharded=True, zero=True)
     if kind in ("MULTI_GPU", "MULTI_CPU", "NO"):
-        return replicated
+        return replicated(processes)
     raise RecipeError(f"launch config {path}: distributed_type {kind!r} is not FSDP, DEEPSPEED or MULTI_GPU")
+
+
+def replicated(processes: int) -> Launch:
+    return Launch("DDP" if processes > 1 else "one process", processes, sharded=False)
 
 
 def model_config(recipe: Recipe):
@@ -190,10 +198,9 @@ def compute_rows(run: Shapes, launch: Launch) -> list[tuple[str, float, str]]:
     ]  # fmt: skip
 
 
-def print_memory_plan(recipe: Recipe) -> bool:
+def print_memory_plan(recipe: Recipe, launch: Launch) -> bool:
     """Prints the plan; True when it fits the devices."""
     ladder = recipe.ladder
-    launch = read_launch(ladder.dry_run_launch, ladder.dry_run_processes)
     run = run_shapes(recipe)
     rows = state_rows(run, launch) + compute_rows(run, launch)
     total = sum(size for _, size, _ in rows)

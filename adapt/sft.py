@@ -1,7 +1,8 @@
-"""Heal a converted ladder model with TRL, gated before and after.
+"""`ladder-heal`: heal a converted ladder model with TRL, gated before and after.
 
-    python adapt/sft.py recipes/smollm2-135m.yaml [--learning_rate 5e-5 ...]     # one CPU
-    accelerate launch adapt/sft.py recipes/8b.yaml                                # many GPUs
+    ladder-heal recipes/smollm2-135m.yaml [--learning-rate 5e-5 ...]             # one CPU
+    accelerate launch adapt/sft.py recipes/8b.yaml                                # many GPUs (the same script)
+    ladder-heal --copy-recipe smollm2-135m my-recipe.yaml                         # a shipped recipe, to edit
 
 Training stops after `max_train_tokens` non-padding tokens. Relaunching the same command after an interruption
 resumes from the last checkpoint in `output_dir`. The healed model (LoRA merged), its provenance, the gate reports
@@ -18,6 +19,7 @@ import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
+import yaml
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -28,9 +30,9 @@ from ladder.adapt.alignment import LayerAligner
 from ladder.adapt.allocator import keep_freed_memory
 from ladder.adapt.data import load_training_data
 from ladder.adapt.launch import shard_cpu_processes
-from ladder.adapt.memory_plan import print_memory_plan
+from ladder.adapt.memory_plan import print_memory_plan, read_launch
 from ladder.adapt.plot import plot_curves
-from ladder.adapt.recipe import Recipe, RecipeError, fail, parse_recipe
+from ladder.adapt.recipe import PROG, USAGE, Recipe, RecipeError, copy_recipe, fail, help_text, parse_recipe
 from ladder.adapt.trainer import (
     DistillingSFTTrainer,
     SharedTrunkTeacher,
@@ -54,6 +56,7 @@ from ladder.checkpoint import (
     tool_stamp,
     write_provenance,
 )
+RESOLVED_RECIPE = "recipe.yaml"  # in final/: the recipe as the run read it
 from ladder.gates import GateUsageError, load_gates_file, run_gate
 from ladder.gates.evaluate import load_chat_tokenizer
 from ladder.gates.config import DEFAULT_GATES_FILE, fidelity_targets
@@ -63,6 +66,11 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     keep_freed_memory()
     try:
+        if argv[:1] == ["--copy-recipe"]:
+            return copy_recipe_command(argv[1:])
+        if "-h" in argv or "--help" in argv:
+            print(help_text())
+            return 0
         recipe = parse_recipe(argv)
         if recipe.ladder.dry_run:
             return dry_run(recipe)
@@ -72,10 +80,18 @@ def main(argv: list[str]) -> int:
         fail(error)
 
 
+def copy_recipe_command(argv: list[str]) -> int:
+    if len(argv) != 2:
+        raise RecipeError(USAGE)
+    print(copy_recipe(*argv))
+    return 0
+
+
 def dry_run(recipe: Recipe) -> int:
+    launch = read_launch(recipe.ladder.launch_config, recipe.ladder.dry_run_processes)
     # Without the data at hand, a sequence is counted at max_length (exact with packing).
-    print_plan(recipe, recipe.training.max_length, recipe.ladder.dry_run_processes)
-    if not print_memory_plan(recipe):
+    print_plan(recipe, recipe.training.max_length, launch.processes)
+    if not print_memory_plan(recipe, launch):
         raise RecipeError(f"the run does not fit {recipe.ladder.dry_run_device_gb:g} GB per device (plan above)")
     return 0
 
@@ -87,6 +103,9 @@ def output_dir_lock(output_dir: Path):
 
 
 def heal(recipe: Recipe, start: float) -> int:
+    if recipe.ladder.launch_config and "WORLD_SIZE" not in os.environ:
+        print(f"note: this recipe expects accelerate launch --config_file {recipe.ladder.launch_config} "
+              f"adapt/sft.py {recipe.path}; running as one process", flush=True)  # fmt: skip
     dataset = load_training_data(recipe.data, recipe.ladder.dataset_template)
     tokenizer = load_chat_tokenizer(Path(recipe.model.model_name_or_path), "model")
     last_checkpoint = last_complete_checkpoint(recipe.training.output_dir)
@@ -239,6 +258,7 @@ def save_final(model, trainer, recipe: Recipe, seconds: float) -> Path:
         "converted_model": str(source_dir.absolute()),
         "reference": recipe.ladder.reference,
         "recipe": sys.argv[1:],
+        "settings": recipe.resolved,
         "data": [vars(d) for d in recipe.data.datasets],
         "template": recipe.ladder.dataset_template,
         "tokens": trainer.state.num_input_tokens_seen,
@@ -249,10 +269,11 @@ def save_final(model, trainer, recipe: Recipe, seconds: float) -> Path:
     with staged(final, overwrite=True, option="output_dir") as partial:
         model.save_pretrained(partial)
         trainer.processing_class.save_pretrained(partial)
+        (partial / RESOLVED_RECIPE).write_text(yaml.safe_dump(recipe.resolved, sort_keys=False))
         converted = read_provenance(source_dir) if (source_dir / PROVENANCE_FILE).is_file() else {"source": adaptation["reference"]}
         adaptation["converted_shards_sha256"] = converted.get("shards_sha256")
         weights = shard_hashes(partial, find_shards(partial))  # this model's own, as a gate report records them
-        write_provenance(partial, converted | {"shards_sha256": weights, "adaptation": adaptation | tool_stamp("adapt/sft.py")})
+        write_provenance(partial, converted | {"shards_sha256": weights, "adaptation": adaptation | tool_stamp(PROG)})
     return final
 
 
@@ -261,11 +282,16 @@ def run(argv: list[str]) -> int:
     try:
         return main(argv)
     except KeyboardInterrupt:
-        print("adapt/sft.py: interrupted; relaunch the same command to resume from the last checkpoint", file=sys.stderr)
+        print(f"{PROG}: interrupted; relaunch the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except Exception as error:  # a bug of ours, or an environment we did not foresee (out of memory, ...)
-        return crashed("adapt/sft.py", error)
+        return crashed(PROG, error)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `ladder-heal` console script."""
     sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":  # `python adapt/sft.py` and `accelerate launch adapt/sft.py`
+    cli()

@@ -41,6 +41,10 @@ class DistillingSFTTrainer(SFTTrainer):
         elif teacher is not None:
             self.teacher = place(teacher)
 
+    def create_model_card(self, *args, **kwargs):
+        """None: TRL's card (written at every checkpoint) would describe a fine-tune of an unnamed model, in the run
+        folder, before any gate. The model's card is ladder-publish's, written from the gate reports."""
+
     def place_frozen(self, model):
         """A frozen model (teacher, original) ready to run beside the student: a whole copy on every device, except
         under ZeRO-3, where transformers loaded it partitioned (zero.Init) and only a DeepSpeed engine runs it."""

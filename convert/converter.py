@@ -14,6 +14,7 @@ from pathlib import Path
 from ladder import LadderLlamaConfig
 from ladder.checkpoint import (
     SIDE_FILES,
+    SOURCE_ORIGIN,
     CheckpointError,
     Source,
     check_apart,
@@ -27,6 +28,7 @@ from ladder.checkpoint import (
     link_or_copy,
     output_lock,
     read_json_object,
+    read_origin,
     resolve_source,
     staged,
     tool_stamp,
@@ -108,6 +110,8 @@ def write_checkpoint(
     }
     if placement:
         provenance["placement"] = placement
+    if origin := read_origin(source.directory):
+        provenance[SOURCE_ORIGIN] = origin
     write_provenance(target, provenance | tool_stamp("ladder-convert"))
     print(f"{len(shards)} shard(s) {' and '.join(sorted(how))}, byte-identical to the source", file=sys.stderr)
 

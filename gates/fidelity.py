@@ -6,6 +6,7 @@ those k tokens plus one bucket holding the rest of the mass: a lower bound of th
 on SmolLM2 (measured from 0.3 to 1.5 nats; checked in the tests).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .config import FidelityConfig
 from .alpaca import heldout_chats
+from .stats import pooled_mean
 
 
 @dataclass
@@ -88,8 +90,9 @@ def bucketed_kl(reference_top_logp: torch.Tensor, candidate_top_logp: torch.Tens
     return top + ref_rest * (ref_rest.log() - cand_rest.log())
 
 
-def compare(model, batches: list[ChatBatch], reference: dict) -> dict[str, tuple[float, float]]:
-    """(reference, candidate) value of each fidelity metric."""
+def compare(model, batches: list[ChatBatch], reference: dict) -> dict[str, tuple[float, ...]]:
+    """(reference, candidate, reference stderr, candidate stderr) of each fidelity metric. Each is a mean over all
+    response tokens; its standard error takes the chats as the independent samples."""
     kl, agree, true_logp = [], [], []
     offset = 0
     for batch in tqdm(batches, desc="fidelity: candidate"):
@@ -103,11 +106,24 @@ def compare(model, batches: list[ChatBatch], reference: dict) -> dict[str, tuple
         offset += count
     if offset != len(reference["true_logp"]):
         raise ValueError("the cached reference does not match these chats")
+    tokens = torch.cat([batch.scored.sum(1) for batch in batches])  # per chat, in the order of the values
+    kl, kl_stderr = chat_mean(torch.cat(kl).clamp_min(0), tokens)
+    agreement, agreement_stderr = chat_mean(torch.cat(agree).float(), tokens)
+    reference_perplexity, reference_stderr = perplexity(chat_mean(reference["true_logp"], tokens))
+    candidate_perplexity, candidate_stderr = perplexity(chat_mean(torch.cat(true_logp), tokens))
     return {
-        "kl": (0.0, torch.cat(kl).clamp_min(0).mean().item()),
-        "top1_agreement": (1.0, torch.cat(agree).float().mean().item()),
-        "response_perplexity": (
-            reference["true_logp"].mean().neg().exp().item(),
-            torch.cat(true_logp).mean().neg().exp().item(),
-        ),
+        "kl": (0.0, kl, 0.0, kl_stderr),
+        "top1_agreement": (1.0, agreement, 0.0, agreement_stderr),
+        "response_perplexity": (reference_perplexity, candidate_perplexity, reference_stderr, candidate_stderr),
     }
+
+
+def chat_mean(values: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float]:
+    """The mean of per-token `values` over every chat's `tokens`, and its standard error over the chats."""
+    return pooled_mean(torch.stack([chat.sum() for chat in values.split(tokens.tolist())]), tokens)
+
+
+def perplexity(mean_log_prob: tuple[float, float]) -> tuple[float, float]:
+    """exp(-mean log-prob) and its standard error by the delta method (d exp(x) = exp(x) dx)."""
+    value, stderr = mean_log_prob
+    return math.exp(-value), math.exp(-value) * stderr

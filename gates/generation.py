@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .config import GenerationConfig
 from .alpaca import heldout_chats
+from .stats import pooled_mean
 
 
 def greedy_answers(model, tokenizer, config: GenerationConfig) -> list[list[int]]:
@@ -40,12 +41,19 @@ def generate_greedy(model, tokenizer, chats: list[list[dict]], max_new_tokens: i
     return [answers[i] for i in range(len(prompts))]
 
 
-def compare(reference: list[list[int]], candidate: list[list[int]]) -> dict[str, tuple[float, float]]:
-    """(reference, candidate): exact-match rate of the answers, and mean length of the common prefix in tokens."""
-    exact = sum(ref == cand for ref, cand in zip(reference, candidate)) / len(reference)
-    prefix = sum(_common_prefix(ref, cand) for ref, cand in zip(reference, candidate)) / len(reference)
-    own_length = sum(len(ref) for ref in reference) / len(reference)
-    return {"generation_exact_match": (1.0, exact), "generation_common_prefix": (own_length, prefix)}
+def compare(reference: list[list[int]], candidate: list[list[int]]) -> dict[str, tuple[float, ...]]:
+    """(reference, candidate, their standard errors over the prompts): exact-match rate of the answers, and mean
+    length of the common prefix in tokens."""
+    pairs = list(zip(reference, candidate))
+    exact, exact_stderr = prompt_mean([float(ref == cand) for ref, cand in pairs])
+    prefix, prefix_stderr = prompt_mean([float(_common_prefix(ref, cand)) for ref, cand in pairs])
+    own_length, own_stderr = prompt_mean([float(len(ref)) for ref in reference])
+    return {"generation_exact_match": (1.0, exact, 0.0, exact_stderr),
+            "generation_common_prefix": (own_length, prefix, own_stderr, prefix_stderr)}  # fmt: skip
+
+
+def prompt_mean(values: list[float]) -> tuple[float, float]:
+    return pooled_mean(torch.tensor(values), torch.ones(len(values)))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

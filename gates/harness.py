@@ -11,6 +11,7 @@ from .config import BenchmarkConfig, GateUsageError
 
 TASKS_DIR = Path(__file__).with_name("tasks")
 LOCAL_TASKS = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+BOOTSTRAP_ITERS = 1000  # lm-eval's resamples for aggregates without a closed-form standard error (its default: 100000)
 LOCAL_ALTERNATIVES = {"arc_easy": "arc_easy_local", "arc_challenge": "arc_challenge_local"}
 
 
@@ -47,18 +48,31 @@ def hub_reachable() -> bool:
 
 
 def run(model, tokenizer, config: BenchmarkConfig, manager) -> dict[str, float]:
-    """Each task's metrics, named `task/metric` (e.g. `arc_easy_local/acc`)."""
+    """Each task's metrics, named `task/metric` (e.g. `arc_easy_local/acc`), and their standard errors
+    (`arc_easy_local/acc_stderr`): lm-eval's, closed-form for means such as accuracies (std / sqrt(n)), bootstrapped
+    for the other aggregates."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
     results = simple_evaluate(
-        model=lm, tasks=config.tasks, limit=config.limit, task_manager=manager, log_samples=False, bootstrap_iters=0
+        model=lm, tasks=config.tasks, limit=config.limit, task_manager=manager, log_samples=False,
+        bootstrap_iters=BOOTSTRAP_ITERS,
     )
     metrics = {}
     for task, values in results["results"].items():
         for key, value in values.items():  # keys look like "acc,none": metric, then filter
             name = key.split(",")[0]
-            if isinstance(value, float) and not name.endswith("_stderr"):
+            if isinstance(value, float):  # a stderr lm-eval could not compute is the text "N/A"
                 metrics[f"{task}/{name}"] = value
     return metrics
+
+
+def paired(reference: dict[str, float], candidate: dict[str, float]) -> dict[str, tuple[float, ...]]:
+    """{metric: (reference, candidate, reference stderr, candidate stderr)}; a stderr is None where it is not known
+    (reference results cached before they were recorded)."""
+    return {
+        name: (reference[name], value, reference.get(f"{name}_stderr"), candidate.get(f"{name}_stderr"))
+        for name, value in candidate.items()
+        if not name.endswith("_stderr")
+    }

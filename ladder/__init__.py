@@ -2,18 +2,19 @@
 
 `import ladder` registers the model with transformers' Auto classes, so ladder checkpoints load without
 `trust_remote_code`. The stages are subpackages, each in its own top-level folder of the repository:
-`ladder.convert` (the model and `ladder-convert`), `ladder.gates` (`ladder-eval`), `ladder.adapt` (`adapt/sft.py`),
+`ladder.convert` (the model and `ladder-convert`), `ladder.gates` (`ladder-eval`), `ladder.adapt` (`ladder-heal`),
 `ladder.publish` (`ladder-publish`) and `ladder.serve`; `ladder.checkpoint` is the checkpoint I/O they share.
 """
 
 import os
+from importlib.metadata import version
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .convert.configuration_ladder_llama import LadderLlamaConfig, transformers_supported
 
-__version__ = "0.1.0"
+__version__ = version("ladder")  # pyproject.toml is the one place it is written
 
 AutoConfig.register(LadderLlamaConfig.model_type, LadderLlamaConfig, exist_ok=True)
 LadderLlamaConfig.register_for_auto_class()

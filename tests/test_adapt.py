@@ -58,6 +58,10 @@ def test_training_heals_only_the_ladder_layers_within_the_token_budget(tiny_pair
         assert changed == any(f"layers.{i}." in name for i in (3, 4, 5)), name
     model = AutoModelForCausalLM.from_pretrained(final)
     assert type(model).__name__ == "LadderLlamaForCausalLM" and model.config.ladder_layers == [3, 4, 5]
+    settings = yaml.safe_load((final / "recipe.yaml").read_text())  # the recipe as the run read it
+    assert settings["max_train_tokens"] == 1500 and settings["gates_file"] == str(gates) and settings["datasets"]
+    assert provenance["adaptation"]["settings"] == settings
+    assert not list((tmp_path / "run").rglob("README.md"))  # no Trainer model card: ladder-publish writes the card
     assert (final / "modeling_ladder_llama.py").is_file() and (final / "chat_template.jinja").is_file()
     assert (final / "training_curves.png").stat().st_size > 10_000
     assert read_json(final / "ladder_gate_sane.json")["reference"] == str(original)
@@ -270,7 +274,7 @@ def test_teacher_answers_are_the_originals_own_greedy_answers(tiny_pair, tmp_pat
 @pytest.mark.parametrize(
     "override, message",
     [({"learning_rat": 1e-4}, "Unknown arguments from config file: ['--learning_rat'"),
-     ({"train_layers": "some"}, "train_layers must be 'all' or 'ladder'"),
+     ({"train_layers": "some"}, "train_layers must be one of all, ladder, not 'some'"),
      ({"model_name_or_path": "/nowhere"}, "has no config.json: not a transformers checkpoint"),
      ({"datasets": [{"path": "json", "data_files": "/nowhere.json"}]}, "dataset file /nowhere.json does not exist"),
      ({"dataset_template": "none"}, "it needs 'messages', or 'prompt' and 'completion'"),
@@ -280,8 +284,9 @@ def test_teacher_answers_are_the_originals_own_greedy_answers(tiny_pair, tmp_pat
      ({"gate_after": "after_lunch"}, "gate 'after_lunch' is not in the gates file"),
      ({"max_train_tokens": "lots"}, "invalid float value: 'lots'"),
      ({"dry_run_processes": 0}, "dry_run_processes and dry_run_device_gb must be positive"),
-     ({"dry_run": True, "dry_run_launch": "/nowhere.yaml"}, "launch config /nowhere.yaml cannot be read"),
-     ({"dry_run": True, "dry_run_launch": str(REPO / "recipes/smollm2-135m.yaml")}, "distributed_type None is not"),
+     ({"dry_run": True, "launch_config": "/nowhere.yaml"}, "launch config /nowhere.yaml cannot be read"),
+     ({"dry_run": True, "launch_config": str(REPO / "recipes/smollm2-135m.yaml")}, "distributed_type None is not"),
+     ({"push_to_hub": True}, "push_to_hub would publish the model before its gate: publish the healed model with ladder-publish"),
      ({"dry_run": True, "dry_run_device_gb": 0.5}, "the run does not fit 0.5 GB per device (plan above)")],
 )  # fmt: skip
 def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_path, override, message, capsys):
@@ -292,22 +297,66 @@ def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_p
         sft_script.main([str(write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", **override))])
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
-    errors = [line for line in captured.err.splitlines() if line.startswith("adapt/sft.py: error: ")]
+    errors = [line for line in captured.err.splitlines() if line.startswith("ladder-heal: error: ")]
     assert len(errors) == 1 and message in errors[0], captured.err[-2000:]
     assert "Loading weights" not in captured.err and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("launch, total, verdict", [("fsdp", "62.65", "80 GB: fits"), ("zero3", "48.60", "80 GB: fits"),
-                                                    ("ddp", "107.86", "80 GB: does NOT fit (needs 108 GB)")])  # fmt: skip
-def test_8b_recipe_dry_run_prints_the_plan_and_the_memory_per_gpu(launch, total, verdict):
-    result = sft(REPO / "recipes/8b.yaml", "--dry_run", "true", "--dry_run_processes", "8",
-                 "--dry_run_launch", REPO / f"recipes/accelerate/{launch}.yaml")  # fmt: skip
+@pytest.mark.parametrize(
+    "options, launch, total, verdict",
+    [(["--dry-run"], "FSDP", "62.65", "80 GB: fits"),  # the recipe names its launch config: FSDP, 8 processes
+     (["--dry-run", "--launch-config", "recipes/accelerate/zero3.yaml"], "ZeRO-3", "48.60", "80 GB: fits"),
+     (["--dry_run", "true", "--dry_run_processes", "8", "--dry_run_launch", "recipes/accelerate/ddp.yaml"], "DDP",
+      "107.86", "80 GB: does NOT fit (needs 108 GB)")],
+)  # fmt: skip
+def test_8b_recipe_dry_run_prints_the_plan_and_the_memory_per_gpu(options, launch, total, verdict):
+    result = sft(REPO / "recipes/8b.yaml", *options)
     assert "plan: 300,000,000 tokens = 287 steps" in result.stdout and "distill_alpha 0.9" in result.stdout
+    assert f"memory plan per device: {launch}, 8 process(es), 80 GB each" in result.stdout
     [total_line] = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["total"]]
     assert total_line[1] == total and " ".join(total_line[4:]) == verdict
     fits = "NOT" not in verdict
     assert result.returncode == (0 if fits else 2), result.stderr[-2000:]
-    assert fits or result.stderr == "adapt/sft.py: error: the run does not fit 80 GB per device (plan above)\n"
+    assert fits or result.stderr == "ladder-heal: error: the run does not fit 80 GB per device (plan above)\n"
+
+
+def test_help_lists_our_keys_with_their_choices_before_trls_without_a_recipe(capsys):
+    from ladder.adapt import sft as sft_script
+
+    assert sft_script.main(["--help"]) == 0
+    ours, theirs = capsys.readouterr().out.split("TRL's keys")
+    assert "--train_layers {all,ladder}, --train-layers {all,ladder}" in ours
+    assert "--align-inputs {teacher,student}" in ours and "--dataset-template {none,alpaca,sharegpt}" in ours
+    assert "--learning_rate" not in ours and "--learning_rate LEARNING_RATE" in theirs and "--lora_r" in theirs
+
+
+def test_a_copied_recipe_runs_from_anywhere_and_a_recipe_names_its_files_relative_to_itself(
+    tiny_pair, tmp_path, monkeypatch, capsys
+):
+    from ladder.adapt import sft as sft_script
+
+    heal = REPO / ".venv/bin/ladder-heal"  # the console script, from a folder that is not the repository
+    copied = subprocess.run([heal, "--copy-recipe", "smollm2-135m", tmp_path], capture_output=True, text=True, cwd="/")
+    assert copied.returncode == 0 and copied.stdout == f"{tmp_path / 'smollm2-135m.yaml'}\n", copied.stderr
+    recipe = yaml.safe_load((tmp_path / "smollm2-135m.yaml").read_text())
+    assert [Path(d["data_files"]) for d in recipe["datasets"]] == [REPO / "gates/data/alpaca_5000.json",
+                                                                   REPO / "gates/data/gsm8k_train_2000.json"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        sft_script.main(["--copy-recipe", "smollm2-135m", str(tmp_path)])
+    assert capsys.readouterr().err.endswith("smollm2-135m.yaml exists: choose another destination\n")
+
+    _, ladder = tiny_pair  # a recipe in its own folder, its data beside it, run from elsewhere
+    (tmp_path / "mine" / "data").mkdir(parents=True)
+    shutil.copy(REPO / "gates/data/alpaca_5000.json", tmp_path / "mine" / "data" / "a.json")
+    mine = write_recipe(tmp_path / "mine" / "r.yaml", ladder, tmp_path / "run", dry_run=True,
+                        datasets=[{"path": "json", "data_files": "data/a.json", "split": "train[:20]"}])  # fmt: skip
+    monkeypatch.chdir("/")
+    assert sft_script.main([str(mine)]) == 0
+    assert "memory plan per device: one process" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        sft_script.main([str(mine), "--gates-file", "gates.yaml"])  # the command line's: from here
+    assert capsys.readouterr().err == "ladder-heal: error: gates file gates.yaml does not exist\n"
 
 
 def test_default_recipe_never_trains_on_the_gates_heldout_rows():

@@ -61,6 +61,8 @@ def test_smollm2_conversion_keeps_shards_byte_identical(smollm2_dir, converted_s
         assert (converted_smollm2 / name).stat().st_ino == (smollm2_dir / name).stat().st_ino  # hardlinked
     assert provenance["ladder_layers"] == list(range(15, 30))
     assert provenance["source"] == str(smollm2_dir)
+    # ladder-fetch-smollm2 dequantized a GGUF file: the provenance says so (and the model card, from it)
+    assert provenance["source_origin"]["dequantized_from"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     config = read_json(converted_smollm2 / "config.json")
     assert config["model_type"] == "ladder_llama" and config["architectures"] == ["LadderLlamaForCausalLM"]
     assert config["ladder_layers"] == list(range(15, 30))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import ladder_twin, read_json
 
@@ -15,7 +16,9 @@ from ladder.convert import converter
 from ladder.gates import cli, fidelity
 from ladder.gates.config import DEFAULT_GATES_FILE, FidelityConfig, GateConfigError, load_gates_file
 from ladder.gates.alpaca import HELDOUT, TRAIN, alpaca_records
+from ladder.gates import report
 from ladder.gates.report import judge
+from ladder.gates.stats import pooled_mean
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,6 +70,9 @@ def test_identical_candidate_passes_with_exact_numbers(workspace, smollm2_dir, c
         assert rows[metric]["candidate"] == rows[metric]["reference"]
     assert rows["generation_exact_match"]["candidate"] == 1.0
     assert 0.3 < rows["arc_easy_local/acc"]["reference"] < 0.8  # SmolLM2 answers ARC-Easy well above chance
+    arc = rows["arc_easy_local/acc"]  # a proportion over 60 questions: stderr sqrt(p (1 - p) / 59)
+    assert arc["reference_stderr"] == arc["candidate_stderr"] == pytest.approx((arc["reference"] * (1 - arc["reference"]) / 59) ** 0.5)
+    assert rows["kl"]["candidate_stderr"] == 0.0 and 0 < rows["response_perplexity"]["reference_stderr"] < 1
     assert "| metric | reference | candidate | delta | threshold | pass |" in (candidate / "ladder_gate_after_adapt.md").read_text()
     assert "measuring the reference" in capsys.readouterr().out
 
@@ -85,6 +91,7 @@ def test_converted_model_fails_after_adapt_and_reuses_the_cached_reference(works
     rows = {row["metric"]: row for row in read_json(candidate / "ladder_gate_after_adapt.json")["rows"]}
     assert rows["kl"]["candidate"] > 0.5 and rows["kl"]["passed"] is False
     assert rows["top1_agreement"]["candidate"] < 0.7
+    assert 0 < rows["kl"]["candidate_stderr"] < rows["kl"]["candidate"] / 4  # over 24 chats
     # The same model passes the sanity gate: its perplexity is worse, but within 10x.
     assert ladder_eval(candidate, "--gate", "after_convert", "--gates-file", gates) == 0
     assert read_json(candidate / "ladder_gate_after_convert.json")["passed"]
@@ -123,6 +130,7 @@ def test_our_arc_easy_equals_lm_eval_run_directly(workspace, smollm2_dir, tmp_pa
     results = json.loads(next((tmp_path / "lm_eval").rglob("results*.json")).read_text())["results"]["arc_easy_local"]
     assert results["acc,none"] == ours["arc_easy_local/acc"]["reference"]
     assert results["acc_norm,none"] == ours["arc_easy_local/acc_norm"]["reference"]
+    assert results["acc_stderr,none"] == ours["arc_easy_local/acc"]["reference_stderr"]
 
 
 def test_bucketed_kl_is_close_to_the_exact_kl(smollm2, smollm2_tokenizer):
@@ -151,6 +159,31 @@ def test_thresholds_judge_each_kind():
                   "arc/acc": {"drop_max": 1.0}, "missing": {"max": 1}}  # fmt: skip
     verdicts = {row.metric: row.passed for row in judge(metrics, thresholds)}
     assert verdicts == {"kl": True, "top1_agreement": False, "ppl": False, "arc/acc": True, "missing": False}
+
+
+@pytest.mark.parametrize("drop, stderr, passed", [(0.03, None, False), (0.03, 0.01, True), (0.045, 0.01, False)])
+def test_a_drop_is_judged_against_its_standard_error(drop, stderr, passed):
+    """drop_max 1 point, plus two standard errors of the drop: sqrt(2) x 1 point each -> 1 + 2.83 points."""
+    [row] = judge({"arc/acc": (0.5, 0.5 - drop, stderr, stderr)}, {"arc/acc": {"drop_max": 1.0}})
+    assert row.passed is passed and (row.reference_stderr, row.candidate_stderr) == (stderr, stderr)
+    assert row.threshold == ("drop ≤ 1 + 2 SE (2.8)" if stderr else "drop ≤ 1")
+    table = report.markdown([row], "t")
+    assert (f"| 0.5000 ± {stderr:.4f} |" in table) if stderr else ("| 0.5000 | " in table)
+
+
+def test_the_standard_error_over_chats_treats_each_chat_as_one_sample():
+    torch.manual_seed(0)
+    counts = torch.randint(1, 40, (60,))
+    per_token = [torch.randn(int(n)) + torch.randn(()) for n in counts]  # tokens of a chat share its offset
+    mean, stderr = pooled_mean(torch.stack([chat.sum() for chat in per_token]), counts)
+    assert mean == pytest.approx(torch.cat(per_token).double().mean().item())
+    resampled = []  # the bootstrap over chats agrees with the closed form
+    for _ in range(2000):
+        pick = torch.randint(0, len(counts), (len(counts),))
+        resampled.append(torch.cat([per_token[i] for i in pick]).mean())
+    assert stderr == pytest.approx(torch.stack(resampled).std().item(), rel=0.1)
+    assert stderr > 1.5 * torch.cat(per_token).std().item() / len(torch.cat(per_token)) ** 0.5  # not per token
+    assert pooled_mean(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.ones(4)) == pytest.approx((0.75, 0.25))
 
 
 @pytest.mark.parametrize(

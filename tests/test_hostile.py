@@ -225,7 +225,7 @@ CASES = [
          lambda w: (symlink(w.model / "added_tokens.json", "/proc/self/environ"), publish_args(w))[1], 2, "is a symlink to /proc/"),
     Case("eval: tokenizer.json -> /etc/passwd", "ladder-eval",
          lambda w: (symlink(w.model / "tokenizer.json", "/etc/passwd"), eval_args(w))[1], 2, "tokenizer.json is a symlink to /etc/passwd"),
-    Case("sft: chat_template.jinja -> /etc/passwd", "adapt/sft.py",
+    Case("sft: chat_template.jinja -> /etc/passwd", "ladder-heal",
          lambda w: (symlink(w.model / "chat_template.jinja", "/etc/passwd"), sft_args(w))[1], 2, "is a symlink to /etc/passwd"),
     # foreign code
     Case("convert: tokenizer code named by auto_map", "ladder-convert",
@@ -259,7 +259,7 @@ CASES = [
          lambda w: (ladder_layers([4.5])(w), publish_args(w))[1], 2, "ladder_layers [4.5] are not distinct"),
     Case("eval: ladder_layers out of range", "ladder-eval",
          lambda w: (ladder_layers([3, 6])(w), eval_args(w))[1], 2, "ladder_layers [3, 6] are not distinct"),
-    Case("sft: ladder_layers of strings", "adapt/sft.py",
+    Case("sft: ladder_layers of strings", "ladder-heal",
          lambda w: (ladder_layers(["3"])(w), sft_args(w))[1], 2, "ladder_layers ['3'] are not distinct"),
     # the shard index against the shards
     Case("convert: weight_map values that are not strings", "ladder-convert",
@@ -278,9 +278,9 @@ CASES = [
     Case("eval: a gate name with a slash", "ladder-eval", gates_file_with_a_slash, 2, "gate name '../../evil' may hold only"),
     Case("eval: a chat template that raises", "ladder-eval",
          lambda w: (raising_chat_template(w.source), eval_args(w))[1], 2, "chat template"),
-    Case("sft: a chat template that raises", "adapt/sft.py",
+    Case("sft: a chat template that raises", "ladder-heal",
          lambda w: (raising_chat_template(w.model), sft_args(w))[1], 2, "fails on a two-turn chat: this template refuses"),
-    Case("sft: a custom tokenizer class (its code named by auto_map)", "adapt/sft.py",
+    Case("sft: a custom tokenizer class (its code named by auto_map)", "ladder-heal",
          lambda w: (evil_tokenizer_code(w.model, auto_map=True), sft_args(w))[1], 2, "names code to run (auto_map)"),
     # card fields
     Case("publish: --license with a newline", "ladder-publish",
@@ -289,35 +289,35 @@ CASES = [
          lambda w: publish_args(w, "--license", "other"), 2, "--license other needs --license-link URL"),
     Case("publish: an export name with a newline", "ladder-publish",
          lambda w: [str(w.model), "--export", str(w.tmp / "out\nx")], 2, "holds control characters"),
-    # adapt/sft.py: output_dir, recipe, data, resume
-    Case("sft: output_dir is the model", "adapt/sft.py",
+    # ladder-heal: output_dir, recipe, data, resume
+    Case("sft: output_dir is the model", "ladder-heal",
          lambda w: sft_args(w, output_dir=str(w.model)), 2, "is, contains or lies inside the source"),
-    Case("sft: output_dir inside the model", "adapt/sft.py",
+    Case("sft: output_dir inside the model", "ladder-heal",
          lambda w: sft_args(w, output_dir=str(w.model / "run")), 2, "is, contains or lies inside the source"),
-    Case("sft: output_dir containing the model", "adapt/sft.py",
+    Case("sft: output_dir containing the model", "ladder-heal",
          lambda w: sft_args(w, output_dir=str(w.tmp)), 2, "is, contains or lies inside the source"),
-    Case("sft: max_train_tokens inf", "adapt/sft.py",
+    Case("sft: max_train_tokens inf", "ladder-heal",
          lambda w: sft_args(w, max_train_tokens=float("inf")), 2, "max_train_tokens must be a positive number, not inf"),
-    Case("sft: an empty data file", "adapt/sft.py", lambda w: sft_data(w, b""), 2, "datasets: "),
-    Case("sft: a data file that is not JSON", "adapt/sft.py", lambda w: sft_data(w, b"{instruction: hi"), 2, "datasets: "),
-    Case("sft: a binary data file", "adapt/sft.py", lambda w: sft_data(w, bytes(range(256)) * 4), 2, "datasets: "),
-    Case("sft: a null instruction", "adapt/sft.py",
+    Case("sft: an empty data file", "ladder-heal", lambda w: sft_data(w, b""), 2, "datasets: "),
+    Case("sft: a data file that is not JSON", "ladder-heal", lambda w: sft_data(w, b"{instruction: hi"), 2, "datasets: "),
+    Case("sft: a binary data file", "ladder-heal", lambda w: sft_data(w, bytes(range(256)) * 4), 2, "datasets: "),
+    Case("sft: a null instruction", "ladder-heal",
          lambda w: sft_data(w, alpaca_rows(GOOD_ROW, GOOD_ROW | {"instruction": None})), 2, "row 1 has instruction 'None'"),
-    Case("sft: a number as output", "adapt/sft.py",
+    Case("sft: a number as output", "ladder-heal",
          lambda w: sft_data(w, alpaca_rows(*[GOOD_ROW | {"output": 7}] * 2)), 2, "row 0 has output '7'"),
-    Case("sft: a row missing a field", "adapt/sft.py",
+    Case("sft: a row missing a field", "ladder-heal",
          lambda w: sft_data(w, alpaca_rows(GOOD_ROW, {"instruction": "x", "input": ""})), 2, "row 1 has output 'None'"),
-    Case("sft: a truncated trainer_state.json", "adapt/sft.py",
+    Case("sft: a truncated trainer_state.json", "ladder-heal",
          lambda w: (resume_checkpoint(w.tmp / "run", trainer_state='{"global_step": 4, "log_his'), sft_args(w))[1],
          2, "checkpoint-4 is corrupt (trainer_state.json is not a JSON object): move it out of output_dir to resume from checkpoint-2"),
-    Case("sft: a truncated optimizer.pt", "adapt/sft.py",
+    Case("sft: a truncated optimizer.pt", "ladder-heal",
          lambda w: (resume_checkpoint(w.tmp / "run", optimizer=b"PK\x03\x04truncated"), sft_args(w))[1],
          2, "checkpoint-4 is corrupt (optimizer.pt is truncated or not a torch file)"),
 ]  # fmt: skip
 
 
 def run(command: str, args: list[str]) -> int:
-    if command != "adapt/sft.py":
+    if command != "ladder-heal":
         return COMMANDS[command](args)
     try:
         return sft.main(args)
@@ -427,6 +427,6 @@ def test_a_second_export_or_training_run_on_a_held_output_is_refused(work, capsy
         assert "is being written by another ladder run" in capsys.readouterr().err
     run_dir = work.tmp / "run"
     with output_lock(run_dir, "output_dir"):
-        assert run("adapt/sft.py", sft_args(work)) == 2
+        assert run("ladder-heal", sft_args(work)) == 2
         assert "output_dir " in capsys.readouterr().err
     assert not work.out.exists() and not run_dir.exists()

@@ -2,6 +2,7 @@
 
 import ast
 import importlib.metadata
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +58,14 @@ def test_no_import_circle_and_no_stage_imports_another_stages_command():
 
     for name in graph:
         assert circle_from(name, [name]) is None, circle_from(name, [name])
+
+
+def test_the_version_is_written_once_and_provenance_names_the_commit():
+    import ladder
+    from ladder.checkpoint import tool_stamp
+
+    [written] = re.findall(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert ladder.__version__ == importlib.metadata.version("ladder") == written
+    assert not [path for path in REPO.glob("*/*.py") if f'"{written}"' in path.read_text()]  # no second copy
+    stamp = tool_stamp("ladder-test")
+    assert stamp["tool_version"] == written and len(stamp["git_commit"]) == 40  # this checkout's HEAD

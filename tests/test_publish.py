@@ -19,13 +19,16 @@ from urllib.parse import urlparse
 import pytest
 import torch
 from conftest import leftovers, read_json, save_tiny_checkpoint, tiny_llama, tiny_tokenizer, write_gate_report
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import ModelCard, ModelCardData, constants
+from huggingface_hub.repocard import metadata_load
+from huggingface_hub.repocard_data import model_index_to_eval_results
 from transformers import AutoModelForCausalLM
 
-from ladder.checkpoint import MODEL_CODE_DIR, MODELING_FILES, PROVENANCE_FILE, find_shards, shard_hashes
+from ladder.checkpoint import MODEL_CODE_DIR, MODELING_FILES, ORIGIN_FILE, PROVENANCE_FILE, find_shards, shard_hashes
 from ladder.convert.converter import convert
 from ladder.publish import cli
-from ladder.publish.card import License, detect_license
+from ladder.gates import load_gates_file, report
+from ladder.publish.card import License, detect_license, tensor_parallel_size
 
 APACHE_LICENSE = "Apache License\nVersion 2.0, January 2004\nhttp://www.apache.org/licenses/\n"
 LLAMA_LICENSE = "LLAMA 3.1 COMMUNITY LICENSE AGREEMENT\nLlama 3.1 Version Release Date: July 23, 2024\n"
@@ -124,6 +127,58 @@ def test_export_loads_without_our_package_with_the_same_logits(lineage, tmp_path
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     assert torch.equal(torch.load(tmp_path / "remote.pt", weights_only=True)["logits"], logits)
+
+
+def test_the_card_carries_a_model_index_the_recipe_and_usage_and_names_no_local_path(healed_copy, tmp_path, capsys):
+    """A model healed from a dequantized GGUF (its provenance says so), with standard errors in its report and its
+    recipe's settings: the card's metadata round-trips through huggingface_hub as the Hub reads it."""
+    provenance = read_json(healed_copy / PROVENANCE_FILE)
+    provenance["source_origin"] = {"hub_id": "my-org/Tiny-Llama", "dequantized_from": "tiny.Q4_1.gguf",
+                                   "quantization": "Q4_1", "package": "llm-tiny==0.1"}  # fmt: skip
+    provenance["adaptation"]["settings"] = {"learning_rate": 3e-4, "align_tokens": 100000.0, "output_dir": str(tmp_path)}
+    (healed_copy / PROVENANCE_FILE).write_text(json.dumps(provenance))
+    measured = {"kl": (0.0, 0.02, 0.0, 0.004), "top1_agreement": (1.0, 0.96, 0.0, 0.01),
+                "response_perplexity": (2.0, 2.02, 0.1, 0.1), "arc_easy_local/acc": (0.5, 0.49, 0.022, 0.0224)}  # fmt: skip
+    rows = report.judge(measured, load_gates_file().gates["after_adapt"])
+    report.write(healed_copy, "after_adapt", rows, {"candidate": str(healed_copy), "reference": "tiny-original",
+                 "shards_sha256": provenance["shards_sha256"]})  # fmt: skip
+    (healed_copy / "training_curves.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    export = tmp_path / "dist" / "tiny-ladder3"
+    code, err = publish(healed_copy, "--export", export, capsys=capsys)  # no --base-model: the origin names it
+    assert code == 0, err
+
+    text = (export / "README.md").read_text()
+    metadata = metadata_load(export / "README.md")
+    name, results = model_index_to_eval_results(metadata["model-index"])
+    assert name == "tiny-ladder3" and metadata["base_model"] == "my-org/Tiny-Llama"
+    assert [(r.metric_type, r.metric_value, r.dataset_type, r.dataset_config) for r in results] == [
+        ("kl", 0.02, "tatsu-lab/alpaca", None), ("top1_agreement", 0.96, "tatsu-lab/alpaca", None),
+        ("response_perplexity", 2.02, "tatsu-lab/alpaca", None), ("acc", 0.49, "allenai/ai2_arc", "ARC-Easy")]  # fmt: skip
+    assert ModelCardData(**metadata).to_dict() == metadata  # what ModelCard.load reads is what was written
+    assert ModelCard.load(export / "README.md").data.eval_results == results
+    assert "| arc_easy_local/acc | 0.5000 ± 0.0220 | 0.5000 | 0.4900 ± 0.0224 | drop ≤ 1 + 2 SE (6.3) | yes |" in text
+    assert "dequantized from a Q4_1 GGUF file (`tiny.Q4_1.gguf` in the PyPI package `llm-tiny==0.1`)" in text
+    assert "| `learning_rate` | 0.0003 |" in text and "output_dir" not in text  # settings, never a path
+    assert "tensor_parallel_size=2" in text and "--tp 2" in text  # 4 heads, 2 KV heads: TP 1 or 2
+    assert "![training curves](training_curves.png)" in text and (export / "training_curves.png").is_file()
+    assert "@misc{zhang2025ladder" in text and "eprint = {2501.06589}" in text
+    assert str(tmp_path) not in text and "/tmp" not in text  # not a path of the machine that built it
+
+
+def test_ladder_convert_records_what_a_local_original_was_made_from(lineage, tmp_path):
+    original = Path(shutil.copytree(lineage.original, tmp_path / "original"))
+    origin = {"hub_id": "my-org/Tiny-Llama", "dequantized_from": "tiny.Q4_1.gguf"}
+    (original / ORIGIN_FILE).write_text(json.dumps(origin))
+    converted = convert(str(original), "3", tmp_path / "converted")
+    assert read_json(converted / PROVENANCE_FILE)["source_origin"] == origin
+    assert "source_origin" not in read_json(lineage.converted / PROVENANCE_FILE)  # only where the original says it
+
+
+def test_the_tensor_parallel_size_gives_every_rank_whole_heads():
+    smollm2 = {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}
+    llama_8b = {"num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336}
+    assert tensor_parallel_size(smollm2) == 3 and tensor_parallel_size(llama_8b) == 8
+    assert tensor_parallel_size({"num_attention_heads": 7, "intermediate_size": 64}) == 1
 
 
 def test_missing_or_failed_gate_refuses_and_force_publishes(healed_copy, tmp_path, capsys):
@@ -362,7 +417,7 @@ def test_hub_upload_to_a_local_stand_in(lineage, fake_hub, tmp_path, monkeypatch
                  PROVENANCE_FILE, "ladder_gate_after_adapt.json", "ladder_gate_after_convert.md", "LICENSE"):  # fmt: skip
         assert name in repo["files"], name
     card = ModelCard(repo["files"]["README.md"].decode())
-    assert 'from_pretrained("my-org/Tiny-Ladder3", trust_remote_code=True)' in card.text
+    assert 'model_id = "my-org/Tiny-Ladder3"\n' in card.text and "from_pretrained(model_id, trust_remote_code=True)" in card.text
     assert sorted(lineage.adapted.parent.iterdir()) == before  # the staging folder is gone
 
     # In this process from here: huggingface_hub read HF_ENDPOINT at import, so point its constant at the stand-in.

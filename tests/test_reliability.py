@@ -176,7 +176,7 @@ def test_adapt_bad_input(candidate, smollm2_dir, tmp_path, how, message, capsys)
     with pytest.raises(SystemExit) as exit_info:
         sft.main([str(path)])
     assert exit_info.value.code == 2
-    assert_one_line(capsys.readouterr().err, "adapt/sft.py: error: ", message)  # and no warning before it
+    assert_one_line(capsys.readouterr().err, "ladder-heal: error: ", message)  # and no warning before it
     assert not (tmp_path / "run").exists()
 
 
