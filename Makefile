@@ -1,5 +1,6 @@
-# `make demo`: set up, then the whole path on SmolLM2-135M-Instruct: convert 15 of its layers (DEMO_LAYERS; gated),
-# heal them briefly (DEMO_TOKENS; gated), export the result, print the original / converted / adapted table and the answers.
+# `make demo`: set up, then the whole path on SmolLM2-135M-Instruct: convert 15 of its layers (DEMO_LAYERS) and fit
+# them (DEMO_FIT; gated), heal them briefly (DEMO_TOKENS; gated), export the result, print the original / converted /
+# adapted table and the answers.
 # `make test`: set up (training and serving environments), run the test suite.
 # `make serve-setup`: the serving environment alone, .venv-vllm: vLLM with our plugin (README "Serving").
 # Set-up installs the versions in requirements.lock, the ones the suite last passed with. `make test-latest` runs the
@@ -22,6 +23,9 @@ RUN := runs/smollm2-ladder15
 # cores, so the demo names them instead of searching): 2.5x less damage than the top 15 before any training (README
 # "Benchmarks"). DEMO_LAYERS=15 converts the paper's top 15 instead.
 DEMO_LAYERS ?= 4-8,14,20-28
+# The training-free fit of the ladder modules' inputs (convert/fit.py): half the converted model's KL before any
+# training, for about a minute. DEMO_FIT= converts without it.
+DEMO_FIT ?= --fit
 DEMO_TOKENS ?= 40000
 EXPORT := dist/smollm2-ladder15
 
@@ -59,7 +63,7 @@ serve-setup: $(SERVE_VENV)/.installed
 # model card states.
 demo: setup
 	smollm2=$$($(VENV)/bin/ladder-fetch-smollm2) && \
-	$(VENV)/bin/ladder-convert "$$smollm2" --layers $(DEMO_LAYERS) --output $(RUN) --overwrite && \
+	$(VENV)/bin/ladder-convert "$$smollm2" --layers $(DEMO_LAYERS) $(DEMO_FIT) --output $(RUN) --overwrite && \
 	rm -rf $(RUN)-demo && \
 	{ $(VENV)/bin/ladder-heal recipes/smollm2-135m.yaml --max-train-tokens $(DEMO_TOKENS) --output-dir $(RUN)-demo \
 		--save-steps 1000 --logging-steps 1; [ $$? -le 1 ]; } && \

@@ -2,7 +2,8 @@
 
 The weights are not touched and the model is never loaded: the shards are hardlinked (copied across filesystems),
 `config.json` is rewritten, and the modeling code, tokenizer, chat template and a provenance file are added.
-Memory stays small whatever the model size. Output is built in a temporary directory beside the target and renamed
+Memory stays small whatever the model size. `--placement measured` and `--fit` load the model: the first to choose
+the layers, the second to refit the ladder modules' input projections (convert/fit.py), whose shards are rewritten. Output is built in a temporary directory beside the target and renamed
 at the end, so a failed or interrupted run leaves no output directory.
 """
 
@@ -25,7 +26,7 @@ from ladder.checkpoint import (
     find_shards,
     first_line,
     hash_shards,
-    link_or_copy,
+    write_shard,
     output_lock,
     read_json_object,
     read_origin,
@@ -41,7 +42,8 @@ from ladder.gates import GateUsageError, load_gates_file, run_gate
 from ladder.gates.alpaca import TRAIN
 from ladder.gates.config import DEFAULT_GATES_FILE
 
-from .placement import measured_placement
+from .fit import FitSettings, fit_checkpoint
+from .placement import load_original, measured_placement
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 LAYERS_HELP = "a count of top layers (16), a range (16-31) or a list (8,9,10 or 0-3,8)"
@@ -93,14 +95,18 @@ def read_llama_config(directory: Path) -> dict:
 
 
 def write_checkpoint(
-    source: Source, config: dict, layers: list[int], shards: list[str], target: Path, placement: dict | None = None
+    source: Source, config: dict, layers: list[int], shards: list[str], target: Path, placement: dict | None = None,
+    fitted: tuple[dict, dict] | None = None,
 ) -> None:
-    how = {link_or_copy(source.directory / name, target / name) for name in shards}
+    """`fitted`: the tensors the fit changed, by name, and its record."""
+    replaced = fitted[0] if fitted else {}
+    how = {name: write_shard(source.directory / name, target / name, replaced) for name in shards}
     copy_side_files(source.directory, target, ("model.safetensors.index.json", *SIDE_FILES))
     write_ladder_config(target, config, layers)
     hashes = hash_shards([target / name for name in shards])
     for name, sha256 in zip(shards, hashes):
-        verify_hub_blob(source.directory / name, sha256)
+        if how[name] != "rewritten":
+            verify_hub_blob(source.directory / name, sha256)
     provenance = {
         "source": source.name,
         "revision": source.revision,
@@ -110,10 +116,14 @@ def write_checkpoint(
     }
     if placement:
         provenance["placement"] = placement
+    if fitted:
+        provenance["fit"] = fitted[1]
     if origin := read_origin(source.directory):
         provenance[SOURCE_ORIGIN] = origin
     write_provenance(target, provenance | tool_stamp("ladder-convert"))
-    print(f"{len(shards)} shard(s) {' and '.join(sorted(how))}, byte-identical to the source", file=sys.stderr)
+    unchanged = [name for name in shards if how[name] != "rewritten"]
+    print(f"{len(shards)} shard(s) {' and '.join(sorted(set(how.values())))}; {len(unchanged)} byte-identical to the "
+          "source", file=sys.stderr)  # fmt: skip
 
 
 def convert(
@@ -125,10 +135,11 @@ def convert(
     gates_file: Path | None = None,
     placement: str = "top",
     calibration_chats: int = 8,
+    fit: FitSettings | None = None,
 ) -> Path:
     """Write the ladder checkpoint; with `gates_file`, also judge it with the `after_convert` gate (report inside).
     `placement`: with a count of layers, `top` rewires the top ones (the paper's choice), `measured` the ones whose
-    rewiring moves the output least (convert/placement.py).
+    rewiring moves the output least (convert/placement.py). `fit`: refit the ladder modules (convert/fit.py).
 
     Returns the output directory, or raises GateFailed (after writing it) when the gate fails.
     """
@@ -144,15 +155,23 @@ def convert(
         raise ConvertError(f"--placement measured chooses the layers itself: give --layers a count, not {layers_spec!r}")
     if placement == "measured" and not 1 <= calibration_chats <= TRAIN.stop:
         raise ConvertError(f"--calibration-chats must be from 1 to {TRAIN.stop} (Alpaca's training rows), not {calibration_chats}")
+    if fit and not 1 <= fit.chats <= TRAIN.stop:
+        raise ConvertError(f"--fit-chats must be from 1 to {TRAIN.stop} (Alpaca's training rows), not {fit.chats}")
+    if fit and not fit.ridge > 0:
+        raise ConvertError(f"--fit-ridge must be above 0, not {fit.ridge}")
     shards = find_shards(resolved.directory)
     check_tensors(resolved.directory, shards, config)
     with output_lock(output, "--output"):
         check_output(output, overwrite, "--output")  # again: a run of ours may have written it meanwhile
-        measured = None
+        measured = fitted = None
+        if placement == "measured" or fit:
+            model, tokenizer = load_original(resolved.directory, config)
         if placement == "measured":
-            layers, measured = measured_placement(resolved.directory, config, len(layers), calibration_chats)
+            layers, measured = measured_placement(model, tokenizer, len(layers), calibration_chats)
+        if fit:
+            fitted = fit_checkpoint(model, tokenizer, layers, fit)
         with staged(output, overwrite=overwrite) as staging:
-            write_checkpoint(resolved, config, layers, shards, staging, measured)
+            write_checkpoint(resolved, config, layers, shards, staging, measured, fitted)
         # The checkpoint is complete: a failed gate, or one that cannot run, leaves it in place with the reason.
         verdict = run_after_convert_gate(output, resolved, gates_file) if gates_file else None
     if verdict and not verdict.passed:
@@ -190,12 +209,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="with a count: the top layers (default), or those measured to hurt least (loads the model)")
     parser.add_argument("--calibration-chats", type=int, default=8, metavar="N",
                         help="training chats --placement measured measures on (default 8)")
+    parser.add_argument("--fit", action="store_true",
+                        help="refit each ladder module's input projections by least squares (loads the model)")
+    parser.add_argument("--fit-chats", type=int, default=FitSettings.chats, metavar="N",
+                        help=f"training chats --fit fits on (default {FitSettings.chats})")
+    parser.add_argument("--fit-ridge", type=float, default=FitSettings.ridge, metavar="R",
+                        help=f"--fit's pull towards the unfitted module (default {FitSettings.ridge})")
     args = parser.parse_args(argv)
+    fit = FitSettings(args.fit_chats, args.fit_ridge) if args.fit else None
     gates_file = None if args.no_eval else (args.gates_file or DEFAULT_GATES_FILE)
     try:
         with unwind_on_termination():
             output = convert(args.source, args.layers, args.output, args.overwrite, args.revision, gates_file,
-                             args.placement, args.calibration_chats)  # fmt: skip
+                             args.placement, args.calibration_chats, fit)  # fmt: skip
     except GateFailed as failure:
         print(f"ladder-convert: {failure}", file=sys.stderr)
         return 1

@@ -19,12 +19,9 @@ from ladder.gates.fidelity import ChatBatch, batch_chats
 
 
 @torch.no_grad()
-def measured_placement(source, config: dict, count: int, chats: int = 8) -> tuple[list[int], dict]:
-    """The `count` layers greedy search picks, and what it measured (for the provenance file)."""
-    model = load_unwired(source, config)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+def measured_placement(model: LadderLlamaForCausalLM, tokenizer, count: int, chats: int = 8) -> tuple[list[int], dict]:
+    """The `count` layers greedy search picks on `model` (`load_original`'s), and what it measured (for the
+    provenance file). Leaves the model wired as its last trial."""
     calibration = [alpaca_chat(record) for record in alpaca_records(TRAIN)[:chats]]
     batches = [Calibration(model, batch) for batch in batch_chats(tokenizer, calibration, max_length=256, batch_size=8)]
     scored_tokens = sum(int(batch.scored.sum()) for batch in batches)
@@ -35,7 +32,7 @@ def measured_placement(source, config: dict, count: int, chats: int = 8) -> tupl
         return sum(batch.kl(model, min(layers)) for batch in batches) / scored_tokens
 
     chosen, greedy_kl, single_layer_kl = [], [], {}
-    candidates = range(config["num_hidden_layers"])
+    candidates = range(model.config.num_hidden_layers)
     with tqdm(total=sum(len(candidates) - k for k in range(count)), desc="placement: layer sets measured") as progress:
         for _ in range(count):
             trials = {}
@@ -57,13 +54,17 @@ def measured_placement(source, config: dict, count: int, chats: int = 8) -> tupl
     return sorted(chosen), measured
 
 
-def load_unwired(source, config: dict) -> LadderLlamaForCausalLM:
-    """The original's weights in the ladder model with no ladder layer: exactly the original, rewirable in place."""
+def load_original(source, config: dict) -> tuple[LadderLlamaForCausalLM, object]:
+    """The original's weights in the ladder model with no ladder layer (exactly the original, rewirable in place),
+    and its tokenizer."""
     fields = {key: value for key, value in config.items() if key not in ("model_type", "architectures", "auto_map")}
     ladder_config = LadderLlamaConfig(**fields, ladder_layers=[])
     cuda = torch.cuda.is_available()  # 8B: minutes on a GPU in bf16, hours on CPU
     model = LadderLlamaForCausalLM.from_pretrained(source, config=ladder_config, dtype=torch.bfloat16 if cuda else torch.float32)
-    return model.to("cuda" if cuda else "cpu").eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to("cuda" if cuda else "cpu").eval(), tokenizer
 
 
 class Calibration:

@@ -313,6 +313,20 @@ def link_or_copy(source: Path, target: Path) -> str:
         return "copied"
 
 
+def write_shard(source: Path, target: Path, replaced: dict) -> str:
+    """`source`'s shard at `target`, with the tensors named in `replaced` swapped for theirs (in the shard's dtype):
+    linked or copied when it holds none of them, rewritten otherwise."""
+    with safe_open(checked_file(source), framework="pt") as shard:
+        if not replaced.keys() & set(shard.keys()):
+            return link_or_copy(source, target)
+        from safetensors.torch import save_file  # torch only where tensors are written: the serving side needs none
+
+        tensors = {name: shard.get_tensor(name) for name in shard.keys()}
+        tensors |= {name: replaced[name].to(tensors[name].dtype) for name in replaced.keys() & tensors.keys()}
+        save_file(tensors, target, metadata=shard.metadata() or {"format": "pt"})
+    return "rewritten"
+
+
 def side_files(directory: Path, patterns: tuple[str, ...] = SIDE_FILES) -> list[Path]:
     """The files of `directory` that a pattern names, with a data or text extension, each checked as `checked_file`
     does. A config among them that names code to run (`auto_map`: a tokenizer or processor of its own) is refused:

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ladder.convert.converter import convert
+from ladder.convert.fit import FitSettings
 from ladder.publish.cli import main as publish
 from ladder.serve.__main__ import free_port
 
@@ -30,7 +31,9 @@ pytestmark = pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason=f"no {VLLM_PYT
 
 # The wirings the plugin has to get right: the ladder tail (the paper's), every layer (the first layer's A = H = the
 # embeddings), and a scattered set with every kind of neighbour (standard -> ladder -> standard, ladder at the end).
+# The scattered set is also fitted (`ladder-convert --fit`): its refitted projections and unit norms served as any.
 LAYER_SETS = {"top15": "15", "all30": "30", "scattered": "4-8,14,20-28"}
+FITTED = {"scattered": FitSettings(chats=16)}
 CHATS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I reverse a list in Python?",
          "Give me three tips for sleeping better."]  # fmt: skip
 NEW_TOKENS = 32
@@ -92,7 +95,7 @@ def prompts(smollm2_tokenizer) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def converted(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm")
-    models = {name: convert(str(smollm2_dir), layers, root / name) for name, layers in LAYER_SETS.items()}
+    models = {name: convert(str(smollm2_dir), layers, root / name, fit=FITTED.get(name)) for name, layers in LAYER_SETS.items()}
     # No ladder layers: our model class with the standard wiring everywhere, to compare with vLLM's own Llama.
     models["ladder0"] = shutil.copytree(models["top15"], root / "ladder0", symlinks=True)
     config = json.loads((models["ladder0"] / "config.json").read_text())
