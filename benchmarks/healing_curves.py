@@ -57,6 +57,10 @@ METHODS = {
     # is align50-student).
     **{f"align{share}{suffix}": DISTILL | {"align_tokens": share / 100, "align_inputs": inputs}
        for suffix, inputs in (("", "teacher"), ("-student", "student")) for share in (25, 50, 75)},
+    # KL only (distill_alpha 1.0, as RADLADS and Minitron distil), at gentler learning rates: for a model that
+    # `ladder-convert --fit` already brought close, which the default's alignment at 3e-4 pushes away again.
+    **{f"kl-lr{lr}": DISTILL | {"distill_alpha": 1.0, "learning_rate": float(lr)} for lr in ("1e-4", "3e-5")},
+    "kl-lr1e-4-accum4": DISTILL | {"distill_alpha": 1.0, "learning_rate": 1e-4, "gradient_accumulation_steps": 4},
 }  # fmt: skip
 TARGET = fidelity_targets(load_gates_file().gates["after_adapt"])  # KL and top-1 of the recovery gate
 

@@ -119,7 +119,7 @@ def fit_ladder_layers(model: LadderLlamaForCausalLM, batches: list[ChatBatch], l
         layer.is_ladder = False
     streams = calibration_streams(model, batches)
     errors = {}
-    for index, layer in enumerate(tqdm(layers, desc="fit: layers")):
+    for index, layer in enumerate(tqdm(layers[: max(ladder_layers) + 1], desc="fit: layers")):  # none above to fit
         if index < min(ladder_layers):  # below the first ladder layer both models compute the same
             for batch in streams:
                 batch.original = batch.converted = layer(*batch.original, **batch.layer_kwargs)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from ladder import LadderLlamaConfig, LadderLlamaForCausalLM
+from ladder.checkpoint import CheckpointError, first_line
 from ladder.gates.alpaca import TRAIN, alpaca_chat, alpaca_records
 from ladder.gates.fidelity import ChatBatch, batch_chats
 
@@ -57,11 +58,14 @@ def measured_placement(model: LadderLlamaForCausalLM, tokenizer, count: int, cha
 def load_original(source, config: dict) -> tuple[LadderLlamaForCausalLM, object]:
     """The original's weights in the ladder model with no ladder layer (exactly the original, rewirable in place),
     and its tokenizer."""
+    try:  # first: the chats are tokenized with it, and a checkpoint without one is bad input, not a crash
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{source} has no tokenizer that loads, and the chats to measure on need one ({first_line(error)})") from None
     fields = {key: value for key, value in config.items() if key not in ("model_type", "architectures", "auto_map")}
     ladder_config = LadderLlamaConfig(**fields, ladder_layers=[])
     cuda = torch.cuda.is_available()  # 8B: minutes on a GPU in bf16, hours on CPU
     model = LadderLlamaForCausalLM.from_pretrained(source, config=ladder_config, dtype=torch.bfloat16 if cuda else torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to("cuda" if cuda else "cpu").eval(), tokenizer
