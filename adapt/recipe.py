@@ -19,16 +19,7 @@ import yaml
 from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, TrlParser
 
 import ladder
-from ladder.checkpoint import (
-    PROVENANCE_FILE,
-    check_apart,
-    check_tensors,
-    find_shards,
-    read_ladder_config,
-    read_provenance,
-    side_files,
-    staged,
-)
+from ladder.checkpoint import PROVENANCE_FILE, check_apart, check_checkpoint, read_provenance, staged
 
 PROG = "ladder-heal"
 USAGE = f"usage: {PROG} RECIPE.yaml [--key value ...]  |  {PROG} --copy-recipe NAME DEST  |  {PROG} --help"
@@ -245,9 +236,7 @@ def check_files(recipe: Recipe) -> None:
     if recipe.ladder.dry_run and not model_dir.exists():
         print(f"note: {model_dir} does not exist yet: the plan assumes it will be converted first")
         return
-    config = read_ladder_config(model_dir)
-    check_tensors(model_dir, find_shards(model_dir), config)
-    side_files(model_dir)
+    check_checkpoint(model_dir, ladder=True)
     check_apart(Path(recipe.training.output_dir), model_dir, "output_dir")  # its checkpoints and README.md
     has_provenance = (model_dir / PROVENANCE_FILE).is_file()
     provenance = read_provenance(model_dir) if has_provenance else {}  # adapt/sft.py extends it at the end

@@ -11,6 +11,7 @@ never used), every response token, the exact KL over the whole vocabulary.
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,8 +33,8 @@ def main() -> None:
     parser.add_argument("--settings", default="48:0.01,128:0.001,128:0.01,128:0.1,256:0.01,256:0.1,512:0.01",
                         help="calibration chats:ridge pairs to fit with")  # fmt: skip
     args = parser.parse_args()
-    source = args.model or str(fetch_smollm2())
-    model, tokenizer = load_original(source, read_json_object(f"{source}/config.json", ""))
+    source = Path(args.model) if args.model else fetch_smollm2()
+    model, tokenizer = load_original(source, read_json_object(source / "config.json", ""))
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
     chats = [alpaca_chat(record) for record in alpaca_records(MEASURED_ROWS)]
     measured = [Calibration(model, batch) for batch in batch_chats(tokenizer, chats, max_length=512, batch_size=4)]

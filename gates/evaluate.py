@@ -17,9 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ladder
 from ladder.checkpoint import (
+    check_checkpoint,
     CheckpointError,
-    check_ladder_layers,
-    check_tensors,
     find_shards,
     first_line,
     hash_shards,
@@ -27,7 +26,6 @@ from ladder.checkpoint import (
     read_provenance,
     resolve_source,
     shard_hashes,
-    side_files,
     staged,
 )
 
@@ -133,7 +131,7 @@ def measure(model, tokenizer, gates: GatesFile, manager, reference: dict | None 
 def _check_models(candidate: Path, reference: str | None) -> tuple[str, Path]:
     """Before anything loads: both are checkpoints with safetensors weights, and the report can be written. Returns
     the reference's name and directory (the candidate's provenance names it when `reference` does not)."""
-    _check_checkpoint(candidate, "the candidate is not a checkpoint directory")
+    check_checkpoint(candidate, "the candidate is not a checkpoint directory")
     try:
         tempfile.TemporaryFile(dir=candidate).close()  # a read-only directory, or filesystem
     except OSError:
@@ -143,17 +141,8 @@ def _check_models(candidate: Path, reference: str | None) -> tuple[str, Path]:
         reference_dir = resolve_source(name).directory
     except CheckpointError as error:
         raise CheckpointError(f"reference: {error}" + ("" if reference else " (or pass --reference)")) from None
-    _check_checkpoint(reference_dir, "the reference is not a checkpoint directory")
+    check_checkpoint(reference_dir, "the reference is not a checkpoint directory")
     return name, reference_dir
-
-
-def _check_checkpoint(directory: Path, missing: str) -> None:
-    """Its config, its shards' headers and its side files; a ladder config's ladder layers."""
-    config = read_json_object(directory / "config.json", missing)
-    if config.get("model_type") == ladder.LadderLlamaConfig.model_type:
-        check_ladder_layers(config, directory / "config.json")
-    check_tensors(directory, find_shards(directory), config)
-    side_files(directory)
 
 
 def _resolve_device(name: str | None) -> torch.device:

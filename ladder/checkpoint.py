@@ -244,6 +244,17 @@ def read_ladder_config(directory: Path) -> dict:
     return config
 
 
+def check_checkpoint(directory: Path, missing: str = "not a transformers checkpoint", ladder: bool = False) -> dict:
+    """Before a model loads: its `config.json` (a ladder one's ladder layers checked; with `ladder`, it must be one),
+    its shards' headers and its side files. Returns the config."""
+    config = read_ladder_config(directory) if ladder else read_json_object(directory / "config.json", missing)
+    if config.get("model_type") == LadderLlamaConfig.model_type:
+        check_ladder_layers(config, directory / "config.json")
+    check_tensors(directory, find_shards(directory), config)
+    side_files(directory)
+    return config
+
+
 def check_ladder_layers(config: dict, config_file: Path) -> list[int]:
     """A ladder config's `ladder_layers`: distinct decoder layer indices."""
     layers, count = config.get("ladder_layers"), config.get("num_hidden_layers")

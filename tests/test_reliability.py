@@ -185,13 +185,17 @@ def test_adapt_bad_input(candidate, smollm2_dir, tmp_path, how, message, capsys)
 # The command, with its shards linked slowly: the test kills it while the output is being written.
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
+    import ladder.checkpoint
     import {module} as command
-    link = command.link_or_copy
+    link = ladder.checkpoint.link_or_copy
     def link_slowly(source, target):
         print("writing", flush=True)
         time.sleep(60)
         return link(source, target)
-    command.link_or_copy = link_slowly
+    # Where each command looks it up: ladder-publish imports it, ladder-convert calls it through write_shard.
+    for module in (ladder.checkpoint, command):
+        if hasattr(module, "link_or_copy"):
+            module.link_or_copy = link_slowly
     sys.exit(command.main(sys.argv[1:]))
 """)
 
