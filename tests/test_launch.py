@@ -127,7 +127,7 @@ def test_two_cpu_processes_shard_resume_after_a_killed_rank_and_save_a_plain_mod
 
 @pytest.mark.slow
 def test_the_smollm2_recipe_under_fsdp(smollm2_dir, tmp_path):
-    """The shipped recipe (student-fed alignment, then distillation into every layer, sdpa_packed, tied embeddings)
+    """The shipped recipe (KL-only distillation into every layer, sdpa_packed, tied embeddings)
     on real weights, shortened."""
     converted = convert(str(smollm2_dir), "15", tmp_path / "smollm2-ladder15")
     gates = tiny_gates(tmp_path / "gates.yaml")
