@@ -18,7 +18,7 @@ import torch
 from ladder.checkpoint import read_json_object
 from ladder.convert.converter import parse_layers
 from ladder.convert.fit import FitSettings, fit_checkpoint
-from ladder.convert.placement import Calibration, load_original
+from ladder.convert.placement import Calibration, load_original, mean_kl
 from ladder.convert.smollm2 import fetch_smollm2
 from ladder.gates.alpaca import TRAIN, alpaca_chat, alpaca_records
 from ladder.gates.fidelity import batch_chats
@@ -45,9 +45,7 @@ def main() -> None:
 
     @torch.no_grad()
     def kl() -> float:
-        for index, layer in enumerate(model.model.layers):
-            layer.is_ladder = index in layers
-        return sum(batch.kl(model, min(layers)) for batch in measured) / tokens
+        return mean_kl(model, measured, layers)
 
     print(f"{len(layers)} ladder layers {args.layers}; KL over {tokens} response tokens of {len(chats)} chats")
     print("| calibration chats | ridge | KL | fit seconds |\n| ---: | ---: | ---: | ---: |")

@@ -3,8 +3,9 @@
 The weights are not touched and the model is never loaded: the shards are hardlinked (copied across filesystems),
 `config.json` is rewritten, and the modeling code, tokenizer, chat template and a provenance file are added.
 Memory stays small whatever the model size. `--placement measured` and `--fit` load the model: the first to choose
-the layers, the second to refit the ladder modules' input projections (convert/fit.py), whose shards are rewritten. Output is built in a temporary directory beside the target and renamed
-at the end, so a failed or interrupted run leaves no output directory.
+the layers, the second to refit the ladder modules' input projections (convert/fit.py), whose shards are rewritten.
+Output is built in a temporary directory beside the target and renamed at the end, so a failed or interrupted run
+leaves no output directory.
 """
 
 import argparse

@@ -19,9 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ladder import LadderLlamaForCausalLM
-
 from ladder.gates.alpaca import TRAIN, alpaca_chat, alpaca_records
 from ladder.gates.fidelity import ChatBatch, batch_chats
+
+from .placement import rewire
 
 
 @dataclass
@@ -115,8 +116,7 @@ def fit_ladder_layers(model: LadderLlamaForCausalLM, batches: list[ChatBatch], l
     folded in. Returns, per ladder layer, each module's relative input error on the calibration tokens before and
     after its fit."""
     layers, eps = model.model.layers, model.config.rms_norm_eps
-    for layer in layers:
-        layer.is_ladder = False
+    rewire(model, [])
     streams = calibration_streams(model, batches)
     errors = {}
     for index, layer in enumerate(tqdm(layers[: max(ladder_layers) + 1], desc="fit: layers")):  # none above to fit

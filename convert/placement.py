@@ -25,12 +25,9 @@ def measured_placement(model: LadderLlamaForCausalLM, tokenizer, count: int, cha
     provenance file). Leaves the model wired as its last trial."""
     calibration = [alpaca_chat(record) for record in alpaca_records(TRAIN)[:chats]]
     batches = [Calibration(model, batch) for batch in batch_chats(tokenizer, calibration, max_length=256, batch_size=8)]
-    scored_tokens = sum(int(batch.scored.sum()) for batch in batches)
 
     def damage(layers: list[int]) -> float:
-        for index, layer in enumerate(model.model.layers):
-            layer.is_ladder = index in layers
-        return sum(batch.kl(model, min(layers)) for batch in batches) / scored_tokens
+        return mean_kl(model, batches, layers)
 
     chosen, greedy_kl, single_layer_kl = [], [], {}
     candidates = range(model.config.num_hidden_layers)
@@ -53,6 +50,19 @@ def measured_placement(model: LadderLlamaForCausalLM, tokenizer, count: int, cha
         "kl_after_each_addition": greedy_kl,
     }
     return sorted(chosen), measured
+
+
+def rewire(model: LadderLlamaForCausalLM, ladder_layers: list[int]) -> None:
+    """Make exactly `ladder_layers` ladder layers, in place."""
+    for index, layer in enumerate(model.model.layers):
+        layer.is_ladder = index in ladder_layers
+
+
+def mean_kl(model: LadderLlamaForCausalLM, batches: list["Calibration"], ladder_layers: list[int]) -> float:
+    """KL(original || model) per scored token over `batches`, with `ladder_layers` rewired."""
+    rewire(model, ladder_layers)
+    scored_tokens = sum(int(batch.scored.sum()) for batch in batches)
+    return sum(batch.kl(model, min(ladder_layers)) for batch in batches) / scored_tokens
 
 
 def load_original(source, config: dict) -> tuple[LadderLlamaForCausalLM, object]:

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from ladder.checkpoint import read_json_object, shard_hashes
 from ladder.convert import converter
 from ladder.convert.fit import FitSettings, fit_checkpoint, fit_ladder_layers, fold, rms_normalised
-from ladder.convert.placement import Calibration, load_original
+from ladder.convert.placement import Calibration, load_original, mean_kl
 from ladder.gates.alpaca import TRAIN, alpaca_chat, alpaca_records
 from ladder.gates.fidelity import ChatBatch, batch_chats
 
@@ -33,9 +33,7 @@ def test_the_fit_cuts_each_modules_input_error_and_the_kl_on_held_out_tokens():
     stock, ladder_layers = tiny_llama(), [2, 3, 4]
     model = ladder_twin(stock, [])
     held_out = [Calibration(model, batch) for batch in random_batches(2, seed=1)]  # the original's streams and log-probs
-    for index, layer in enumerate(model.model.layers):
-        layer.is_ladder = index in ladder_layers
-    unfitted = sum(batch.kl(model, 2) for batch in held_out)
+    unfitted = mean_kl(model, held_out, ladder_layers)
 
     errors = fit_ladder_layers(model, random_batches(16, seed=0), ladder_layers, ridge=1e-3)
     assert sorted(errors) == ladder_layers and [layer.is_ladder for layer in model.model.layers] == [
@@ -43,7 +41,7 @@ def test_the_fit_cuts_each_modules_input_error_and_the_kl_on_held_out_tokens():
     for module_errors in errors.values():
         for before, after in module_errors.values():
             assert after < 0.8 * before  # random weights: attention's error is small to begin with
-    assert sum(batch.kl(model, 2) for batch in held_out) < 0.75 * unfitted
+    assert mean_kl(model, held_out, ladder_layers) < 0.75 * unfitted
 
 
 @torch.no_grad()
@@ -124,9 +122,7 @@ def test_on_smollm2_the_fit_cuts_the_kl_on_training_chats_it_was_not_fitted_on(s
     model, tokenizer = load_original(smollm2_dir, read_json_object(smollm2_dir / "config.json", ""))
     chats = [alpaca_chat(record) for record in alpaca_records(TRAIN)[4490:4498]]
     held_out = [Calibration(model, batch) for batch in batch_chats(tokenizer, chats, max_length=512, batch_size=4)]
-    for index, layer in enumerate(model.model.layers):
-        layer.is_ladder = index in layers
-    unfitted = sum(batch.kl(model, 4) for batch in held_out)
+    unfitted = mean_kl(model, held_out, layers)
     fit_checkpoint(model, tokenizer, layers, FitSettings(chats=32))
-    fitted = sum(batch.kl(model, 4) for batch in held_out)
+    fitted = mean_kl(model, held_out, layers)
     assert fitted < 0.8 * unfitted, (fitted, unfitted)
