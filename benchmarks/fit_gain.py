@@ -1,8 +1,8 @@
 """What `ladder-convert --fit` buys before any training: KL(original || converted) on chats the fit never saw,
-without the fit and with it at each calibration size and ridge strength, in one run.
+without the fit and with it at each calibration size and ridge strength, inputs only or inputs and outputs, in one run.
 
     python benchmarks/fit_gain.py                                   # SmolLM2, the demo's 15 layers
-    python benchmarks/fit_gain.py --settings 48:0.01,128:0.1 --layers 15-29
+    python benchmarks/fit_gain.py --settings 48:0.01:inputs,128:0.1:0.3 --layers 15-29
 
 The chats measured on are Alpaca training rows 4476-4499 (the fit takes rows from 0 up; the gates' held-out rows are
 never used), every response token, the exact KL over the whole vocabulary.
@@ -30,8 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="original checkpoint (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--layers", default="4-8,14,20-28", help="ladder layers (default: the demo's)")
-    parser.add_argument("--settings", default="48:0.01,128:0.001,128:0.01,128:0.1,256:0.01,256:0.1,512:0.01",
-                        help="calibration chats:ridge pairs to fit with")  # fmt: skip
+    parser.add_argument("--settings", help="chats:ridge:output ridge (or inputs, for the input fits only), ...",
+                        default="256:0.01:inputs,256:0.01:0.03,256:0.01:0.1,256:0.01:0.3,256:0.01:1,256:0.01:3")
     args = parser.parse_args()
     source = Path(args.model) if args.model else fetch_smollm2()
     model, tokenizer = load_original(source, read_json_object(source / "config.json", ""))
@@ -48,14 +48,17 @@ def main() -> None:
         return mean_kl(model, measured, layers)
 
     print(f"{len(layers)} ladder layers {args.layers}; KL over {tokens} response tokens of {len(chats)} chats")
-    print("| calibration chats | ridge | KL | fit seconds |\n| ---: | ---: | ---: | ---: |")
-    print(f"| no fit | | {kl():.4f} | |", flush=True)
+    print("| calibration chats | ridge | output ridge | KL | fit seconds |\n| ---: | ---: | ---: | ---: | ---: |")
+    print(f"| no fit | | | {kl():.4f} | |", flush=True)
     for setting in args.settings.split(","):
-        chats_count, ridge = setting.split(":")
+        chats_count, ridge, output_ridge = setting.split(":")
+        output_ridge = None if output_ridge == "inputs" else float(output_ridge)
+        settings = FitSettings(int(chats_count), float(ridge), output_ridge)
         model.load_state_dict(original)
         start = time.perf_counter()
-        fit_checkpoint(model, tokenizer, layers, FitSettings(int(chats_count), float(ridge)))
-        print(f"| {chats_count} | {ridge} | {kl():.4f} | {time.perf_counter() - start:.0f} |", flush=True)
+        fit_checkpoint(model, tokenizer, layers, settings)
+        seconds, refits = time.perf_counter() - start, output_ridge or "inputs only"
+        print(f"| {chats_count} | {ridge} | {refits} | {kl():.4f} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The weights are not touched and the model is never loaded: the shards are hardlinked (copied across filesystems),
 `config.json` is rewritten, and the modeling code, tokenizer, chat template and a provenance file are added.
 Memory stays small whatever the model size. `--placement measured` and `--fit` load the model: the first to choose
-the layers, the second to refit the ladder modules' input projections (convert/fit.py), whose shards are rewritten.
+the layers, the second to refit the ladder modules' projections (convert/fit.py), whose shards are rewritten.
 Output is built in a temporary directory beside the target and renamed at the end, so a failed or interrupted run
 leaves no output directory.
 """
@@ -43,7 +43,7 @@ from ladder.gates import GateUsageError, load_gates_file, run_gate
 from ladder.gates.alpaca import TRAIN
 from ladder.gates.config import DEFAULT_GATES_FILE
 
-from .fit import FitSettings, fit_checkpoint
+from .fit import OUTPUT_RIDGE, FitSettings, fit_checkpoint
 from .placement import load_original, measured_placement
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -160,6 +160,8 @@ def convert(
         raise ConvertError(f"--fit-chats must be from 1 to {TRAIN.stop} (Alpaca's training rows), not {fit.chats}")
     if fit and not fit.ridge > 0:
         raise ConvertError(f"--fit-ridge must be above 0, not {fit.ridge}")
+    if fit and fit.output_ridge is not None and not fit.output_ridge > 0:
+        raise ConvertError(f"--fit-output-ridge must be above 0, not {fit.output_ridge}")
     shards = find_shards(resolved.directory)
     check_tensors(resolved.directory, shards, config)
     with output_lock(output, "--output"):
@@ -215,9 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit-chats", type=int, default=FitSettings.chats, metavar="N",
                         help=f"training chats --fit fits on (default {FitSettings.chats})")
     parser.add_argument("--fit-ridge", type=float, default=FitSettings.ridge, metavar="R",
-                        help=f"--fit's pull towards the unfitted module (default {FitSettings.ridge})")
+                        help=f"the input fits' pull towards the unfitted module (default {FitSettings.ridge})")
+    parser.add_argument("--fit-outputs", action="store_true",
+                        help="--fit also refits o_proj and down_proj towards the original's streams")
+    parser.add_argument("--fit-output-ridge", type=float, default=OUTPUT_RIDGE, metavar="R",
+                        help=f"--fit-outputs' pull towards the unfitted weights (default {OUTPUT_RIDGE})")
     args = parser.parse_args(argv)
-    fit = FitSettings(args.fit_chats, args.fit_ridge) if args.fit else None
+    output_ridge = args.fit_output_ridge if args.fit_outputs else None
+    fit = FitSettings(args.fit_chats, args.fit_ridge, output_ridge) if args.fit else None
     gates_file = None if args.no_eval else (args.gates_file or DEFAULT_GATES_FILE)
     try:
         with unwind_on_termination():

@@ -4,13 +4,16 @@ A ladder module reads a stale stream: a ladder attention reads A (without the ML
 read H, a ladder MLP reads H (without its own attention's output) where the original read the fresh A. For each ladder
 module a linear map M is fitted (ridge least squares) from the normalised stream it now reads, u = x / rms(x), to the
 normalised stream the original read there, t, and folded into the module's input projections with the norm's weight:
-W -> W diag(w) M and w -> 1. The checkpoint stays a plain ladder model (no new parameters, no extra compute), and
-under tensor parallelism q/k/v and gate/up stay column-parallel, so the overlap is untouched.
+W -> W diag(w) M and w -> 1. Then its output projection (o_proj, down_proj) is refitted so that the layer's streams
+land where the original's did. The checkpoint stays a plain ladder model (no new parameters, no extra compute), and
+under tensor parallelism q/k/v and gate/up stay column-parallel and o_proj and down_proj row-parallel, so the overlap
+is untouched.
 
 Fits run layer by layer from the bottom, each on the streams of the converted model with the lower fits applied. The
 original's streams advance beside the converted model's, so memory holds four streams of the calibration chats (not
-one per layer). The ridge pulls M towards the identity, the unfitted model: for N tokens,
-M^T = (U^T U + r N I)^-1 (U^T T + r N I), where the rows of U and T are the tokens' u and t.
+one per layer). Each ridge pulls towards what the module computes unfitted: for inputs X, wanted outputs Y and the
+unfitted map P (the identity for the inputs, the weight for an output projection), B = (X^T X + r s I)^-1 (X^T Y +
+r s P) with s = trace(X^T X) / inputs.
 """
 
 from dataclasses import dataclass
@@ -37,31 +40,32 @@ class Streams:
 
 
 class LeastSquares:
-    """The sums a ridge fit of t = M u needs, accumulated over batches of tokens."""
+    """The sums a ridge fit of y = x B needs (rows are tokens), accumulated over batches."""
 
-    def __init__(self, dim: int, device: torch.device):
-        self.gram = torch.zeros(dim, dim, device=device)  # U^T U
-        self.cross = torch.zeros(dim, dim, device=device)  # U^T T
-        self.target_square = 0.0  # sum of |t|^2
-        self.count = 0
+    def __init__(self, inputs: int, outputs: int, device: torch.device):
+        self.gram = torch.zeros(inputs, inputs, device=device)  # X^T X
+        self.cross = torch.zeros(inputs, outputs, device=device)  # X^T Y
+        self.target_square = 0.0  # sum of |y|^2
 
-    def add(self, read: torch.Tensor, wanted: torch.Tensor, eps: float) -> None:
-        u, t = rms_normalised(read, eps), rms_normalised(wanted, eps)
-        self.gram += u.T @ u
-        self.cross += u.T @ t
-        self.target_square += float(t.pow(2).sum())
-        self.count += len(u)
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.float(), y.float()
+        self.gram += x.T @ x
+        self.cross += x.T @ y
+        self.target_square += float(y.pow(2).sum())
 
-    def solve(self, ridge: float) -> torch.Tensor:
-        """M, in float64 for the solve (the Gram matrix of normalised streams is ill-conditioned)."""
-        shrink = ridge * self.count * torch.eye(len(self.gram), dtype=torch.float64, device=self.gram.device)
-        return torch.linalg.solve(self.gram.double() + shrink, self.cross.double() + shrink).T
+    def solve(self, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+        """B pulled towards `prior` (what the module computes now) with strength `ridge` relative to the inputs' mean
+        square: B = (X^T X + r s I)^-1 (X^T Y + r s prior), s = trace(X^T X) / inputs, in float64 for the solve (the
+        Gram matrix of the streams is ill-conditioned)."""
+        gram, prior = self.gram.double(), prior.double()
+        shrink = ridge * gram.trace() / len(gram)
+        eye = torch.eye(len(gram), dtype=torch.float64, device=gram.device)
+        return torch.linalg.solve(gram + shrink * eye, self.cross.double() + shrink * prior)
 
-    def relative_error(self, M: torch.Tensor | None = None) -> float:
-        """|U M^T - T|^2 / |T|^2 over the accumulated tokens; M None is the identity (the unfitted module)."""
-        gram, cross = self.gram.double(), self.cross.double()
-        M = torch.eye(len(gram), dtype=torch.float64, device=gram.device) if M is None else M
-        error = (M @ gram * M).sum() - 2 * (cross * M.T).sum() + self.target_square
+    def relative_error(self, B: torch.Tensor) -> float:
+        """|X B - Y|^2 / |Y|^2 over the accumulated tokens."""
+        B = B.double()
+        error = (B * (self.gram.double() @ B)).sum() - 2 * (self.cross.double() * B).sum() + self.target_square
         return round(float(error) / self.target_square, 5)
 
 
@@ -111,10 +115,10 @@ def calibration_streams(model: LadderLlamaForCausalLM, batches: list[ChatBatch])
 
 @torch.no_grad()
 def fit_ladder_layers(model: LadderLlamaForCausalLM, batches: list[ChatBatch], ladder_layers: list[int],
-                      ridge: float) -> dict[int, dict]:  # fmt: skip
+                      ridge: float, output_ridge: float | None) -> dict[int, dict]:  # fmt: skip
     """Rewire `model` (the original's weights, no ladder layer yet) as `ladder_layers` with every ladder module's fit
-    folded in. Returns, per ladder layer, each module's relative input error on the calibration tokens before and
-    after its fit."""
+    folded in: its inputs at `ridge`, then (unless `output_ridge` is None) its output projection. Returns, per ladder
+    layer, each fit's relative error on the calibration tokens before and after it."""
     layers, eps = model.model.layers, model.config.rms_norm_eps
     rewire(model, [])
     streams = calibration_streams(model, batches)
@@ -124,30 +128,65 @@ def fit_ladder_layers(model: LadderLlamaForCausalLM, batches: list[ChatBatch], l
             for batch in streams:
                 batch.original = batch.converted = layer(*batch.original, **batch.layer_kwargs)
             continue
-        attention = LeastSquares(model.config.hidden_size, model.device)
-        mlp = LeastSquares(model.config.hidden_size, model.device)
+        hidden = model.config.hidden_size
+        attention, mlp = LeastSquares(hidden, hidden, model.device), LeastSquares(hidden, hidden, model.device)
         for batch in streams:
             (H, A), (H_read, A_read), tokens = batch.original, batch.converted, batch.tokens
             batch.original = layer(H, A, **batch.layer_kwargs)  # the original layer, on the original's streams
             if index in ladder_layers:
                 # The original's attention read H and its MLP the fresh A; the ladder ones read A and H.
-                attention.add(A_read[tokens], H[tokens], eps)
-                mlp.add(H_read[tokens], batch.original[1][tokens], eps)
+                attention.add(rms_normalised(A_read[tokens], eps), rms_normalised(H[tokens], eps))
+                mlp.add(rms_normalised(H_read[tokens], eps), rms_normalised(batch.original[1][tokens], eps))
         if index in ladder_layers:
             errors[index] = {
-                "attention": fit_module(attention, ridge, layer.input_layernorm, attention_inputs(layer)),
-                "mlp": fit_module(mlp, ridge, layer.post_attention_layernorm, mlp_inputs(layer)),
+                "attention_input": fit_input(attention, ridge, layer.input_layernorm, attention_inputs(layer)),
+                "mlp_input": fit_input(mlp, ridge, layer.post_attention_layernorm, mlp_inputs(layer)),
             }
             layer.is_ladder = True
+            if output_ridge is not None:
+                errors[index] |= fit_outputs(layer, streams, output_ridge)
         for batch in streams:
             batch.converted = layer(*batch.converted, **batch.layer_kwargs)
     return errors
 
 
-def fit_module(fit: LeastSquares, ridge: float, norm: torch.nn.Module, projections: list[torch.nn.Linear]) -> list[float]:
-    M = fit.solve(ridge)
-    fold(M, norm, projections)
-    return [fit.relative_error(), fit.relative_error(M)]
+def fit_input(fit: LeastSquares, ridge: float, norm: torch.nn.Module,
+              projections: list[torch.nn.Linear]) -> list[float]:  # fmt: skip
+    identity = torch.eye(len(fit.gram), device=fit.gram.device)  # the unfitted module reads u itself
+    B = fit.solve(identity, ridge)
+    fold(B.T, norm, projections)
+    return [fit.relative_error(identity), fit.relative_error(B)]
+
+
+@torch.no_grad()
+def fit_outputs(layer, streams: list[Streams], ridge: float) -> dict[str, list[float]]:
+    """Refit the ladder layer's o_proj and down_proj (inputs already fitted) so that its streams land where the
+    original's did: A = H + a towards the original's A (a also makes up for the drift of H below), and the MLP's
+    output towards the original MLP's output."""
+    o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+    attention = LeastSquares(o_proj.in_features, o_proj.out_features, o_proj.weight.device)
+    mlp = LeastSquares(down_proj.in_features, down_proj.out_features, down_proj.weight.device)
+    read = {}
+    hooks = [module.register_forward_pre_hook(lambda module, args: read.__setitem__(module, args[0]))
+             for module in (o_proj, down_proj)]  # fmt: skip
+    try:
+        for batch in streams:
+            layer(*batch.converted, **batch.layer_kwargs)
+            (H, A), H_read, tokens = batch.original, batch.converted[0], batch.tokens
+            attention.add(read[o_proj][tokens], (A - H_read)[tokens])
+            mlp.add(read[down_proj][tokens], (H - A)[tokens])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {"attention_output": refit(attention, ridge, o_proj), "mlp_output": refit(mlp, ridge, down_proj)}
+
+
+def refit(fit: LeastSquares, ridge: float, linear: torch.nn.Linear) -> list[float]:
+    before = linear.weight.T
+    B = fit.solve(before, ridge)
+    errors = [fit.relative_error(before), fit.relative_error(B)]
+    linear.weight.copy_(B.T)
+    return errors
 
 
 def attention_inputs(layer) -> list[torch.nn.Linear]:
@@ -158,10 +197,12 @@ def mlp_inputs(layer) -> list[torch.nn.Linear]:
     return [layer.mlp.gate_proj, layer.mlp.up_proj]
 
 
-def folded_tensors(model: LadderLlamaForCausalLM, ladder_layers: list[int]) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors the fit changed, by name: the ladder layers' norms and input projections."""
+def fitted_tensors(model: LadderLlamaForCausalLM, ladder_layers: list[int], outputs: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors the fit changed, by name: the ladder layers' norms and input projections, and with
+    `outputs` their output projections."""
     names = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
              "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")  # fmt: skip
+    names += ("self_attn.o_proj", "mlp.down_proj") if outputs else ()
     state = model.state_dict()
     return {
         name: state[name].detach().cpu().contiguous()
@@ -173,7 +214,11 @@ def folded_tensors(model: LadderLlamaForCausalLM, ladder_layers: list[int]) -> d
 @dataclass
 class FitSettings:
     chats: int = 256  # Alpaca training rows the fit is measured on (every token of each chat counts)
-    ridge: float = 1e-2  # the pull towards the unfitted module, as a share of the calibration tokens
+    ridge: float = 1e-2  # the input fits' pull towards the unfitted module, relative to the inputs' mean square
+    output_ridge: float | None = None  # the same for refitting o_proj and down_proj; None leaves them as they are
+
+
+OUTPUT_RIDGE = 1.0  # `--fit-outputs`' default: the best of 0.03-3 in benchmarks/fit_gain.py
 
 
 def fit_checkpoint(model: LadderLlamaForCausalLM, tokenizer, ladder_layers: list[int],
@@ -182,13 +227,15 @@ def fit_checkpoint(model: LadderLlamaForCausalLM, tokenizer, ladder_layers: list
     the provenance file."""
     chats = [alpaca_chat(record) for record in alpaca_records(TRAIN)[: settings.chats]]
     batches = batch_chats(tokenizer, chats, max_length=512, batch_size=8)
-    errors = fit_ladder_layers(model, batches, ladder_layers, settings.ridge)
+    errors = fit_ladder_layers(model, batches, ladder_layers, settings.ridge, settings.output_ridge)
     record = {
         "method": "ridge least squares from each ladder module's normalised input to the original's there, folded "
-        "into its input projections, layer by layer from the bottom",
+        "into its input projections, layer by layer from the bottom"
+        + ("; then its output projection towards the original's streams" if settings.output_ridge is not None else ""),
         "calibration_chats": f"Alpaca-5000 training rows 0-{settings.chats - 1}, every token",
         "calibration_tokens": sum(int(batch.attention_mask.sum()) for batch in batches),
         "ridge": settings.ridge,
-        "relative_input_error_before_after": errors,
+        "output_ridge": settings.output_ridge,
+        "relative_error_before_after": errors,
     }
-    return folded_tensors(model, ladder_layers), record
+    return fitted_tensors(model, ladder_layers, settings.output_ridge is not None), record

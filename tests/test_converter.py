@@ -173,9 +173,12 @@ def test_bad_layers_are_one_line_errors(tiny_dir, tmp_path, spec, message, capsy
     assert not output.exists() and not leftovers(tmp_path)
 
 
-@pytest.mark.parametrize("option, message", [(["--fit-chats", "0"], "--fit-chats must be from 1 to 4500"),
-                                             (["--fit-ridge", "0"], "--fit-ridge must be above 0"),
-                                             ([], "has no tokenizer that loads")])  # fmt: skip
+@pytest.mark.parametrize("option, message", [
+    (["--fit-chats", "0"], "--fit-chats must be from 1 to 4500"),
+    (["--fit-ridge", "0"], "--fit-ridge must be above 0"),
+    (["--fit-outputs", "--fit-output-ridge", "-1"], "--fit-output-ridge must be above 0"),
+    ([], "has no tokenizer that loads"),
+])  # fmt: skip
 def test_bad_fit_settings_are_one_line_errors(tiny_dir, tmp_path, option, message, capsys):
     output = tmp_path / "out"
     assert converter.main([str(tiny_dir), "--layers", "2", "--fit", *option, "--output", str(output), "--no-eval"]) == 2
