@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import yaml
+from transformers import SchedulerType
 from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, TrlParser
 
 import ladder
@@ -43,7 +44,7 @@ class LadderArguments:
     distill_alpha: float = field(default=0.0, metadata={"help": "loss = alpha * KL(teacher||student) + (1-alpha) * CE"})
     distill_temperature: float = field(default=1.0, metadata={"help": "Temperature of the distillation KL"})
     align_tokens: float = field(
-        default=0, metadata={"help": "Tokens of the budget spent first on layer-wise alignment (below 1: a share of it)"}
+        default=0, metadata={"help": "Tokens of the budget spent first on layer-wise alignment (up to 1: a share of it)"}
     )
     align_inputs: Literal["teacher", "student"] = field(
         default="teacher", metadata={"help": "Alignment feeds each ladder layer the original's streams, or its own"}
@@ -196,7 +197,7 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"max_train_tokens must be a positive number, not {ladder.max_train_tokens}")
     if not 0 <= ladder.align_tokens <= ladder.max_train_tokens:
         raise RecipeError(f"align_tokens must be in [0, max_train_tokens], not {ladder.align_tokens}")
-    if ladder.align_tokens < 1:  # a share of the budget, as transformers reads warmup_steps below 1
+    if ladder.align_tokens <= 1:  # a share of the budget, as transformers reads warmup_steps below 1 (1: all of it)
         ladder.align_tokens = ladder.align_tokens * ladder.max_train_tokens
     if (ladder.dry_run_processes is not None and ladder.dry_run_processes < 1) or ladder.dry_run_device_gb <= 0:
         raise RecipeError("dry_run_processes and dry_run_device_gb must be positive")
@@ -207,8 +208,28 @@ def validate(recipe: Recipe) -> None:
     for name in ("gate_before", "gate_after"):
         if str(getattr(ladder, name)).lower() in ("null", "none"):  # `--gate_after null` on the command line
             setattr(ladder, name, None)
+    check_schedule(recipe.training)
     check_gates(ladder)
     check_files(recipe)
+
+
+def check_schedule(args: SFTConfig) -> None:
+    """Constant then decaying (`lr_scheduler_type: warmup_stable_decay`) needs the decay's length, which may be a
+    share of the steps (below 1, as warmup_steps), resolved by `decay_steps` once the steps are known."""
+    if args.lr_scheduler_type != SchedulerType.WARMUP_STABLE_DECAY:
+        return
+    decay = (args.lr_scheduler_kwargs or {}).get("num_decay_steps")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay <= 0:
+        raise RecipeError(
+            "warmup_stable_decay needs lr_scheduler_kwargs num_decay_steps: a step count, or below 1 a share of the steps"
+        )
+
+
+def decay_steps(args: SFTConfig, steps: int) -> None:
+    """A warmup_stable_decay decay given as a share of the steps, as the step count transformers takes."""
+    decay = (args.lr_scheduler_kwargs or {}).get("num_decay_steps")
+    if args.lr_scheduler_type == SchedulerType.WARMUP_STABLE_DECAY and decay < 1:
+        args.lr_scheduler_kwargs["num_decay_steps"] = max(1, round(decay * steps))
 
 
 def check_gates(ladder: LadderArguments) -> None:

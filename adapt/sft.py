@@ -32,7 +32,17 @@ from ladder.adapt.data import load_training_data
 from ladder.adapt.launch import shard_cpu_processes
 from ladder.adapt.memory_plan import print_memory_plan, read_launch
 from ladder.adapt.plot import plot_curves
-from ladder.adapt.recipe import PROG, USAGE, Recipe, RecipeError, copy_recipe, fail, help_text, parse_recipe
+from ladder.adapt.recipe import (
+    PROG,
+    USAGE,
+    Recipe,
+    RecipeError,
+    copy_recipe,
+    decay_steps,
+    fail,
+    help_text,
+    parse_recipe,
+)
 from ladder.adapt.trainer import (
     DistillingSFTTrainer,
     SharedTrunkTeacher,
@@ -114,6 +124,7 @@ def heal(recipe: Recipe, start: float) -> int:
     trainer = build_trainer(recipe, dataset, tokenizer)
     tokens_per_sequence = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) / len(trainer.train_dataset)
     trainer.args.max_steps = print_plan(recipe, tokens_per_sequence, trainer.args.world_size)
+    decay_steps(trainer.args, trainer.args.max_steps)
     if last_checkpoint:
         print(f"resuming from {last_checkpoint}")
     trainer.train(resume_from_checkpoint=last_checkpoint)

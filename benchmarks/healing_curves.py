@@ -61,6 +61,14 @@ METHODS = {
     # `ladder-convert --fit` already brought close, which the default's alignment at 3e-4 pushes away again.
     **{f"kl-lr{lr}": DISTILL | {"distill_alpha": 1.0, "learning_rate": float(lr)} for lr in ("1e-4", "3e-5")},
     "kl-lr1e-4-accum4": DISTILL | {"distill_alpha": 1.0, "learning_rate": 1e-4, "gradient_accumulation_steps": 4},
+    # The same with the learning rate constant, then decaying linearly to 0 over the last 40% of the steps (WSD).
+    **{f"kl-lr{lr}-wsd": DISTILL | {"distill_alpha": 1.0, "learning_rate": float(lr), "lr_scheduler_type": "warmup_stable_decay",
+                                    "lr_scheduler_kwargs": {"num_decay_steps": 0.4, "decay_type": "linear"}}
+       for lr in ("1e-4", "3e-5")},
+    # LoLCATs / RADLADS: only the rewired (ladder) layers trained, each fed the original's streams, at a high learning
+    # rate, for the whole budget.
+    "align-ladder-lr1e-3": DISTILL | {"align_tokens": 1.0, "align_inputs": "teacher", "train_layers": "ladder",
+                                      "learning_rate": 1e-3},
 }  # fmt: skip
 TARGET = fidelity_targets(load_gates_file().gates["after_adapt"])  # KL and top-1 of the recovery gate
 
@@ -109,7 +117,8 @@ def train(method: str, converted: Path, output: Path, tokens: float, checkpoints
         "model_name_or_path": converted, "output_dir": output, "max_train_tokens": tokens, "save_steps": save_steps,
         "save_total_limit": None, "gate_after": None, "report_to": "none", "logging_steps": 1,
     }  # fmt: skip
-    arguments = [f"--{key}={'null' if value is None else value}" for key, value in overrides.items()]
+    arguments = [f"--{key}={'null' if value is None else json.dumps(value) if isinstance(value, dict) else value}"
+                 for key, value in overrides.items()]  # fmt: skip
     arguments += [f"--{setting}" for setting in settings]
     print(f"\n== {method}: adapt/sft.py {recipe.name} {' '.join(arguments)}", flush=True)
     subprocess.run([sys.executable, REPO / "adapt" / "sft.py", recipe, *arguments], cwd=REPO, check=True)

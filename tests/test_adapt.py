@@ -15,7 +15,7 @@ import yaml
 from conftest import REPO, SFT, read_json, tiny_gates, wait_for_a_checkpoint, write_recipe
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from ladder.adapt import packed_attention
 from ladder.adapt.packed_attention import NAME as PACKED_ATTENTION
@@ -287,7 +287,8 @@ def test_teacher_answers_are_the_originals_own_greedy_answers(tiny_pair, tmp_pat
      ({"dry_run": True, "launch_config": "/nowhere.yaml"}, "launch config /nowhere.yaml cannot be read"),
      ({"dry_run": True, "launch_config": str(REPO / "recipes/smollm2-135m.yaml")}, "distributed_type None is not"),
      ({"push_to_hub": True}, "push_to_hub would publish the model before its gate: publish the healed model with ladder-publish"),
-     ({"dry_run": True, "dry_run_device_gb": 0.5}, "the run does not fit 0.5 GB per device (plan above)")],
+     ({"dry_run": True, "dry_run_device_gb": 0.5}, "the run does not fit 0.5 GB per device (plan above)"),
+     ({"lr_scheduler_type": "warmup_stable_decay"}, "warmup_stable_decay needs lr_scheduler_kwargs num_decay_steps")],
 )  # fmt: skip
 def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_path, override, message, capsys):
     from ladder.adapt import sft as sft_script
@@ -300,6 +301,26 @@ def test_bad_recipes_are_one_line_errors_before_any_model_loads(tiny_pair, tmp_p
     errors = [line for line in captured.err.splitlines() if line.startswith("ladder-heal: error: ")]
     assert len(errors) == 1 and message in errors[0], captured.err[-2000:]
     assert "Loading weights" not in captured.err and not (tmp_path / "run").exists()
+
+
+def test_a_constant_then_linear_schedule_decays_over_its_share_of_the_steps(tiny_pair, tmp_path):
+    from ladder.adapt.recipe import decay_steps, parse_recipe
+
+    _, ladder = tiny_pair
+    recipe = parse_recipe([str(write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", warmup_steps=0,
+                                            lr_scheduler_type="warmup_stable_decay",
+                                            lr_scheduler_kwargs={"num_decay_steps": 0.4, "decay_type": "linear"}))])  # fmt: skip
+    args = recipe.training
+    decay_steps(args, 10)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
+    schedule = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=10,
+                             scheduler_specific_kwargs=args.lr_scheduler_kwargs)  # fmt: skip
+    rates = []
+    for _ in range(10):
+        rates.append(schedule.get_last_lr()[0] / args.learning_rate)
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25])
 
 
 @pytest.mark.parametrize(
