@@ -64,7 +64,7 @@ def run_gate(
     gates = load_gates_file(gates_file)
     if gate not in gates.gates:
         raise EvalUsageError(f"unknown gate {gate!r}; {Path(gates_file).name} defines: {', '.join(gates.gates)}")
-    manager = harness.task_manager() if gates.suite.benchmarks else None
+    manager = harness.task_manager(gates.suite.benchmarks.tasks) if gates.suite.benchmarks else None
     if manager:
         harness.check_tasks(gates.suite.benchmarks.tasks, manager)
     candidate = Path(candidate)

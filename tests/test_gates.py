@@ -23,18 +23,26 @@ from ladder.gates.stats import pooled_mean
 REPO = Path(__file__).resolve().parents[1]
 
 
+ARC_QUESTIONS = 20
+
+
 def small_gates(path: Path, gates: dict | None = None, **suite_overrides) -> Path:
-    """The default gates (or `gates`) with a suite small enough for tests."""
+    """The default gates (or `gates`) with a suite small enough for tests; an override of None leaves that part out."""
     config = yaml.safe_load(DEFAULT_GATES_FILE.read_text())
     config["gates"] = gates or config["gates"]
-    config["suite"] = {
+    suite = {
         "fidelity": {"chats": 24, "max_length": 256, "top_k": 512, "batch_size": 8},
-        "benchmarks": {"tasks": ["arc_easy_local"], "limit": 60, "batch_size": 16},
+        "benchmarks": {"tasks": ["arc_easy_local"], "limit": ARC_QUESTIONS, "batch_size": 16},
         "generation": {"prompts": 6, "max_new_tokens": 32, "batch_size": 6},
-        **suite_overrides,
-    }
+    } | suite_overrides
+    config["suite"] = {part: settings for part, settings in suite.items() if settings is not None}
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def fidelity_gates(path: Path, after_convert: dict) -> Path:
+    """A suite of chats alone (a benchmark costs minutes per model on 2 cores), with one after_convert gate."""
+    return small_gates(path, {"after_convert": after_convert}, benchmarks=None, generation=None)
 
 
 def linked_copy(source: Path, target: Path) -> Path:
@@ -70,8 +78,9 @@ def test_identical_candidate_passes_with_exact_numbers(workspace, smollm2_dir, c
         assert rows[metric]["candidate"] == rows[metric]["reference"]
     assert rows["generation_exact_match"]["candidate"] == 1.0
     assert 0.3 < rows["arc_easy_local/acc"]["reference"] < 0.8  # SmolLM2 answers ARC-Easy well above chance
-    arc = rows["arc_easy_local/acc"]  # a proportion over 60 questions: stderr sqrt(p (1 - p) / 59)
-    assert arc["reference_stderr"] == arc["candidate_stderr"] == pytest.approx((arc["reference"] * (1 - arc["reference"]) / 59) ** 0.5)
+    arc = rows["arc_easy_local/acc"]  # a proportion over n questions: stderr sqrt(p (1 - p) / (n - 1))
+    expected_stderr = (arc["reference"] * (1 - arc["reference"]) / (ARC_QUESTIONS - 1)) ** 0.5
+    assert arc["reference_stderr"] == arc["candidate_stderr"] == pytest.approx(expected_stderr)
     assert rows["kl"]["candidate_stderr"] == 0.0 and 0 < rows["response_perplexity"]["reference_stderr"] < 1
     assert "| metric | reference | candidate | delta | threshold | pass |" in (candidate / "ladder_gate_after_adapt.md").read_text()
     assert "measuring the reference" in capsys.readouterr().out
@@ -93,25 +102,23 @@ def test_converted_model_fails_after_adapt_and_reuses_the_cached_reference(works
     assert rows["top1_agreement"]["candidate"] < 0.7
     assert 0 < rows["kl"]["candidate_stderr"] < rows["kl"]["candidate"] / 4  # over 24 chats
     # The same model passes the sanity gate: its perplexity is worse, but within 10x.
-    assert ladder_eval(candidate, "--gate", "after_convert", "--gates-file", gates) == 0
+    sanity = fidelity_gates(work / "sanity.yaml", {"response_perplexity": {"ratio_max": 10.0}})
+    assert ladder_eval(candidate, "--gate", "after_convert", "--gates-file", sanity) == 0
     assert read_json(candidate / "ladder_gate_after_convert.json")["passed"]
 
 
 def test_ladder_convert_runs_the_after_convert_gate(workspace, smollm2_dir):
-    work, gates = workspace
+    work, _ = workspace
     output = work / "converted-with-gate"
-    assert converter.main([str(smollm2_dir), "--layers", "15", "--output", str(output), "--gates-file", str(gates)]) == 0
+    sanity = fidelity_gates(work / "sanity.yaml", {"response_perplexity": {"ratio_max": 10.0}})
+    assert converter.main([str(smollm2_dir), "--layers", "15", "--output", str(output), "--gates-file", str(sanity)]) == 0
     report = read_json(output / "ladder_gate_after_convert.json")
     assert report["passed"] and report["candidate"] == str(output)
     assert (output / "ladder_gate_after_convert.md").is_file()
 
 
 def test_failing_after_convert_gate_keeps_the_checkpoint_and_exits_1(workspace, smollm2_dir, tmp_path):
-    work, _ = workspace
-    strict = yaml.safe_load((work / "gates.yaml").read_text())
-    strict["gates"]["after_convert"] = {"kl": {"max": 0.01}}
-    gates = tmp_path / "strict.yaml"
-    gates.write_text(yaml.safe_dump(strict))
+    gates = fidelity_gates(tmp_path / "strict.yaml", {"kl": {"max": 0.01}})
     output = tmp_path / "out"
     assert converter.main([str(smollm2_dir), "--layers", "15", "--output", str(output), "--gates-file", str(gates)]) == 1
     assert read_json(output / "ladder_gate_after_convert.json")["passed"] is False
@@ -122,7 +129,7 @@ def test_our_arc_easy_equals_lm_eval_run_directly(workspace, smollm2_dir, tmp_pa
     ours = {r["metric"]: r for r in read_json(work / "same" / "ladder_gate_after_adapt.json")["rows"]}
     command = [
         sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={smollm2_dir},dtype=float32",
-        "--tasks", "arc_easy_local", "--include_path", str(REPO / "gates" / "tasks"), "--limit", "60",
+        "--tasks", "arc_easy_local", "--include_path", str(REPO / "gates" / "tasks"), "--limit", str(ARC_QUESTIONS),
         "--batch_size", "16", "--device", "cpu", "--output_path", str(tmp_path / "lm_eval"),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)

@@ -45,12 +45,12 @@ def vllm_environment(tensor_parallel_size: int) -> dict:
     return os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": binding}
 
 
-def start_vllm(models: list[Path], tensor_parallel_size: int, prompts: list[list[int]], *, enforce_eager=False,
+def start_vllm(models: list[tuple[Path, bool]], tensor_parallel_size: int, prompts: list[list[int]],
                environment: dict | None = None) -> subprocess.Popen:  # fmt: skip
-    """tests/vllm_greedy.py on the models, one after another, in the background; its output goes to files (a pipe
-    nobody reads while another job is awaited would fill and stall it)."""
-    job = {"models": [str(m) for m in models], "tensor_parallel_size": tensor_parallel_size, "prompts": prompts,
-           "max_tokens": NEW_TOKENS, "enforce_eager": enforce_eager}  # fmt: skip
+    """tests/vllm_greedy.py on the models (each with its `enforce_eager`), one after another, in the background; its
+    output goes to files (a pipe nobody reads while another job is awaited would fill and stall it)."""
+    job = {"models": [(str(model), eager) for model, eager in models], "tensor_parallel_size": tensor_parallel_size,
+           "prompts": prompts, "max_tokens": NEW_TOKENS}  # fmt: skip
     stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     process = subprocess.Popen([VLLM_PYTHON, REPO / "tests" / "vllm_greedy.py", json.dumps(job)], stdout=stdout,
                                stderr=stderr, text=True,
@@ -60,7 +60,7 @@ def start_vllm(models: list[Path], tensor_parallel_size: int, prompts: list[list
 
 
 def finish_vllm(process: subprocess.Popen) -> tuple[dict[str, dict], str]:
-    """Each model's greedy tokens and log-probs, by folder name; and vLLM's stderr."""
+    """Each model's greedy tokens and log-probs, by folder name (with "-eager" for an eager run); and vLLM's stderr."""
     try:
         process.wait(timeout=1800)
     finally:
@@ -70,11 +70,7 @@ def finish_vllm(process: subprocess.Popen) -> tuple[dict[str, dict], str]:
     stdout, stderr = (output.read() for output in process.outputs)
     assert process.returncode == 0, stderr[-3000:]
     results = [json.loads(line[len("RESULT ") :]) for line in stdout.splitlines() if line.startswith("RESULT ")]
-    return {Path(r["model"]).name: r for r in results}, stderr
-
-
-def vllm_greedy(models: list[Path], tensor_parallel_size: int, prompts: list[list[int]], **options):
-    return finish_vllm(start_vllm(models, tensor_parallel_size, prompts, **options))
+    return {Path(r["model"]).name + ("-eager" if r["enforce_eager"] else ""): r for r in results}, stderr
 
 
 def transformers_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
@@ -106,8 +102,8 @@ def converted(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def on_one_rank(converted, smollm2_dir, prompts) -> dict[str, dict]:
     # A compile at one rank keeps one core busy (inductor's lowering, then one compiler process): two jobs, one per
-    # core, take half the time of one.
-    models = [*converted.values(), smollm2_dir]
+    # core, take half the time of one. The eager run of the scattered set needs no compile: a minute at most.
+    models = [(model, False) for model in [*converted.values(), smollm2_dir]] + [(converted["scattered"], True)]
     jobs = [start_vllm(models[core::2], 1, prompts, environment={"VLLM_CPU_OMP_THREADS_BIND": str(core)})
             for core in range(2)]  # fmt: skip
     return {name: result for job in jobs for name, result in finish_vllm(job)[0].items()}
@@ -116,6 +112,12 @@ def on_one_rank(converted, smollm2_dir, prompts) -> dict[str, dict]:
 @pytest.mark.parametrize("layer_set", LAYER_SETS)
 def test_vllm_greedy_equals_transformers_on_one_rank(on_one_rank, converted, prompts, layer_set):
     assert on_one_rank[layer_set]["tokens"] == transformers_greedy(converted[layer_set], prompts)
+
+
+def test_vllm_eager_equals_transformers_on_one_rank(on_one_rank, converted, prompts):
+    """`enforce_eager=True` runs the same layers without torch.compile; at TP=3 the server test below checks the
+    compiled path's waits, which are the eager path's in the same order."""
+    assert on_one_rank["scattered-eager"]["tokens"] == transformers_greedy(converted["scattered"], prompts)
 
 
 def test_without_ladder_layers_the_plugin_is_vllms_own_llama(on_one_rank, smollm2_dir):
@@ -153,20 +155,6 @@ def overlapped_reduces(log: str) -> tuple[int, int]:
     return len(starts), overlapped
 
 
-def test_vllm_compiled_keeps_the_overlap_under_tensor_parallelism(converted, prompts):
-    """SmolLM2's 9 query heads split over 3 ranks, not 2 (vLLM needs whole heads per rank). The ladder all-reduces
-    run asynchronously over gloo, with their sums made to land only at the wait (LADDER_VLLM_LATE_SUMS): a wait in
-    the wrong place changes the tokens. Inductor's code keeps each start -> the next module's matmuls -> its wait."""
-    model = converted["scattered"]  # at one rank the other wirings are compiled too (a 3-rank compile takes minutes)
-    results, log = vllm_greedy([model], 3, prompts, environment={"LADDER_VLLM_LATE_SUMS": "1",
-                                                                 "TORCH_LOGS": "output_code"})  # fmt: skip
-    assert results[model.name]["tokens"] == transformers_greedy(model, prompts)
-    # 4-8,14,20-28: 2 reduces per ladder layer and one for each of the 3 standard layers just before one (3, 13, 19).
-    # Overlapped: every ladder attention's (15), every ladder MLP's followed by a ladder layer (12) and the MLP reduces
-    # of 3, 13 and 19. Not: the MLP reduces of 8, 14 and 28, which the standard layer after them reads first.
-    assert overlapped_reduces(log) == (33, 30)
-
-
 def wait_until_healthy(server: subprocess.Popen, url: str, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -190,33 +178,39 @@ for text in sys.argv[3:]:
 """
 
 
-def test_vllm_server_in_eager_mode_answers_the_openai_client_under_tensor_parallelism(converted, smollm2_tokenizer,
-                                                                                     prompts, tmp_path):  # fmt: skip
-    """`vllm serve` on a `ladder-publish`ed checkpoint at TP=3 with `--enforce-eager`: the eager path, with the ladder
-    all-reduces' sums landing only at their wait (LADDER_VLLM_LATE_SUMS) so that a wait in the wrong place changes
-    the answers. The compiled path is the one the tests above check."""
+def test_vllm_server_at_tp3_answers_the_openai_client_and_keeps_the_overlap(converted, smollm2_tokenizer, prompts,
+                                                                          tmp_path):  # fmt: skip
+    """`vllm serve` on a `ladder-publish`ed checkpoint of the scattered set at TP=3 (SmolLM2's 9 query heads split
+    over 3 ranks, not 2: vLLM needs whole heads per rank), on its default compiled path. The ladder all-reduces run
+    asynchronously over gloo with their sums made to land only at the wait (LADDER_VLLM_LATE_SUMS), so that a wait
+    in the wrong place changes the answers; and inductor's code keeps each start -> the next module's matmuls -> its
+    wait. At one rank the other wirings are compiled too (a 3-rank compile takes minutes)."""
     published = tmp_path / "published"
     assert publish([str(converted["scattered"]), "--export", str(published), "--force", "--base-model",
                     "HuggingFaceTB/SmolLM2-135M-Instruct", "--license", "apache-2.0"]) == 0  # fmt: skip
     port = free_port()
     # `vllm serve`'s server; the `vllm` command itself fails in vllm-cpu 0.32.0 (README "Serving with vLLM").
     command = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", published, "--port", str(port),
-               "--dtype", "float32", "--max-model-len", "1024", "--tensor-parallel-size", "3", "--enforce-eager",
+               "--dtype", "float32", "--max-model-len", "1024", "--tensor-parallel-size", "3",
                "--served-model-name", "ladder-smollm2"]  # fmt: skip
-    log = open(tmp_path / "server.log", "w")
-    environment = vllm_environment(3) | {"LADDER_VLLM_LATE_SUMS": "1"}
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=tmp_path)
-    try:
-        wait_until_healthy(server, f"http://127.0.0.1:{port}/health")
-        client = [VLLM_PYTHON, "-c", CHAT_CLIENT, f"http://127.0.0.1:{port}/v1", "ladder-smollm2", *CHATS]
-        done = subprocess.run(client, capture_output=True, text=True, timeout=300)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
+    log_path = tmp_path / "server.log"
+    environment = vllm_environment(3) | {"LADDER_VLLM_LATE_SUMS": "1", "TORCH_LOGS": "output_code"}
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=tmp_path)
+        try:
+            wait_until_healthy(server, f"http://127.0.0.1:{port}/health", timeout=1500)
+            client = [VLLM_PYTHON, "-c", CHAT_CLIENT, f"http://127.0.0.1:{port}/v1", "ladder-smollm2", *CHATS]
+            done = subprocess.run(client, capture_output=True, text=True, timeout=300)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     # The server applied the chat template and answered greedily: what transformers generates from the same prompts.
     answers = [json.loads(line).strip() for line in done.stdout.splitlines()]
     expected = [smollm2_tokenizer.decode(tokens[:24], skip_special_tokens=True).strip()
                 for tokens in transformers_greedy(published, prompts)]  # fmt: skip
-    assert answers == expected, (tmp_path / "server.log").read_text()[-3000:]
+    assert answers == expected, log_path.read_text()[-3000:]
+    # 4-8,14,20-28: 2 reduces per ladder layer and one for each of the 3 standard layers just before one (3, 13, 19).
+    # Overlapped: every ladder attention's (15), every ladder MLP's followed by a ladder layer (12) and the MLP reduces
+    # of 3, 13 and 19. Not: the MLP reduces of 8, 14 and 28, which the standard layer after them reads first.
+    assert overlapped_reduces(log_path.read_text()) == (33, 30)
