@@ -170,7 +170,8 @@ def curve(method: str, run: Path, start: dict, converted: Path, original: Path, 
 
 def earlier_verdict(checkpoint: Path, gate: str, gate_file: Path) -> list[Row] | None:
     """The rows of this gate's report in the checkpoint, if an earlier run of this benchmark wrote it with this suite."""
-    saved, wanted = report.read(checkpoint, gate), load_gates_file(gate_file).suite.as_dict()
+    gates = load_gates_file(gate_file)
+    saved, wanted = report.read(checkpoint, gate), gates.suite.read_by(gates.gates[gate]).as_dict()
     if saved is None or any(saved.suite.get(part) != settings for part, settings in wanted.items() if settings):
         return None
     return saved.rows

@@ -14,7 +14,7 @@ A section left out of the suite is not measured. Every key is checked: an unknow
 """
 
 import re
-from dataclasses import asdict, field
+from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -43,6 +43,10 @@ ThresholdKind = Literal["max", "min", "ratio_max", "drop_max"]
 STRICT = ConfigDict(extra="forbid")
 Positive = Annotated[StrictInt, Field(ge=1)]
 HeldoutCount = Annotated[StrictInt, Field(ge=1, le=HELDOUT.stop - HELDOUT.start)]  # rows exist to measure on
+
+
+def task_metrics(task: str) -> list[str]:
+    return [f"{task}/acc", f"{task}/acc_norm"]
 
 
 def fidelity_targets(thresholds: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -90,8 +94,24 @@ class Suite:
     def metric_names(self) -> list[str]:
         names = list(FIDELITY_METRICS) if self.fidelity else []
         for task in self.benchmarks.tasks if self.benchmarks else []:
-            names += [f"{task}/acc", f"{task}/acc_norm"]
+            names += task_metrics(task)
         return names + (list(GENERATION_METRICS) if self.generation else [])
+
+    def parts(self) -> dict[str, FidelityConfig | BenchmarkConfig | GenerationConfig]:
+        """The parts this suite measures, by name."""
+        return {name: part for name in ("fidelity", "benchmarks", "generation") if (part := getattr(self, name))}
+
+    def read_by(self, thresholds: dict) -> "Suite":
+        """What a gate with these thresholds measures: the parts (and tasks) whose metrics they name, so that a
+        sanity gate on perplexity does not spend minutes on benchmarks. A gate without thresholds measures it all."""
+        if not thresholds:
+            return self
+        tasks = [task for task in self.benchmarks.tasks if set(task_metrics(task)) & set(thresholds)] if self.benchmarks else []
+        return Suite(
+            fidelity=self.fidelity if set(FIDELITY_METRICS) & set(thresholds) else None,
+            benchmarks=replace(self.benchmarks, tasks=tasks) if tasks else None,
+            generation=self.generation if set(GENERATION_METRICS) & set(thresholds) else None,
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)

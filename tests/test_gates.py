@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from conftest import ladder_twin, read_json
 
 from ladder.convert import converter
 from ladder.gates import cli, fidelity
-from ladder.gates.config import DEFAULT_GATES_FILE, FidelityConfig, GateConfigError, load_gates_file
+from ladder.gates.config import DEFAULT_GATES_FILE, BenchmarkConfig, FidelityConfig, GateConfigError, load_gates_file
 from ladder.gates.alpaca import HELDOUT, TRAIN, alpaca_records
 from ladder.gates import report
 from ladder.gates.report import judge
@@ -38,11 +39,6 @@ def small_gates(path: Path, gates: dict | None = None, **suite_overrides) -> Pat
     config["suite"] = {part: settings for part, settings in suite.items() if settings is not None}
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def fidelity_gates(path: Path, after_convert: dict) -> Path:
-    """A suite of chats alone (a benchmark costs minutes per model on 2 cores), with one after_convert gate."""
-    return small_gates(path, {"after_convert": after_convert}, benchmarks=None, generation=None)
 
 
 def linked_copy(source: Path, target: Path) -> Path:
@@ -102,15 +98,19 @@ def test_converted_model_fails_after_adapt_and_reuses_the_cached_reference(works
     assert rows["top1_agreement"]["candidate"] < 0.7
     assert 0 < rows["kl"]["candidate_stderr"] < rows["kl"]["candidate"] / 4  # over 24 chats
     # The same model passes the sanity gate: its perplexity is worse, but within 10x.
-    sanity = fidelity_gates(work / "sanity.yaml", {"response_perplexity": {"ratio_max": 10.0}})
+    # It measures only what its thresholds read (fidelity: no ARC, no generation), the original's from the cache.
+    sanity = small_gates(work / "sanity.yaml", {"after_convert": {"response_perplexity": {"ratio_max": 10.0}}})
     assert ladder_eval(candidate, "--gate", "after_convert", "--gates-file", sanity) == 0
-    assert read_json(candidate / "ladder_gate_after_convert.json")["passed"]
+    assert "reference results from the cache: fidelity (" in capsys.readouterr().out
+    sanity_report = read_json(candidate / "ladder_gate_after_convert.json")
+    assert sanity_report["passed"] and [part for part, settings in sanity_report["suite"].items() if settings] == ["fidelity"]
+    assert [row["metric"] for row in sanity_report["rows"]] == ["kl", "top1_agreement", "response_perplexity"]
 
 
 def test_ladder_convert_runs_the_after_convert_gate(workspace, smollm2_dir):
     work, _ = workspace
     output = work / "converted-with-gate"
-    sanity = fidelity_gates(work / "sanity.yaml", {"response_perplexity": {"ratio_max": 10.0}})
+    sanity = small_gates(work / "sanity.yaml", {"after_convert": {"response_perplexity": {"ratio_max": 10.0}}})
     assert converter.main([str(smollm2_dir), "--layers", "15", "--output", str(output), "--gates-file", str(sanity)]) == 0
     report = read_json(output / "ladder_gate_after_convert.json")
     assert report["passed"] and report["candidate"] == str(output)
@@ -118,7 +118,7 @@ def test_ladder_convert_runs_the_after_convert_gate(workspace, smollm2_dir):
 
 
 def test_failing_after_convert_gate_keeps_the_checkpoint_and_exits_1(workspace, smollm2_dir, tmp_path):
-    gates = fidelity_gates(tmp_path / "strict.yaml", {"kl": {"max": 0.01}})
+    gates = small_gates(tmp_path / "strict.yaml", {"after_convert": {"kl": {"max": 0.01}}})
     output = tmp_path / "out"
     assert converter.main([str(smollm2_dir), "--layers", "15", "--output", str(output), "--gates-file", str(gates)]) == 1
     assert read_json(output / "ladder_gate_after_convert.json")["passed"] is False
@@ -158,6 +158,14 @@ def test_heldout_split_is_never_in_the_training_split():
     assert len(heldout) == 500 and len(train) == 4500
     assert not {r["instruction"] for r in heldout} & {r["instruction"] for r in train}
     assert HELDOUT.start >= TRAIN.stop
+
+
+def test_a_gate_measures_the_parts_and_tasks_its_entries_name():
+    suite = replace(load_gates_file().suite, benchmarks=BenchmarkConfig(tasks=["arc_easy_local", "arc_challenge_local"]))
+    assert list(suite.read_by({"response_perplexity": {"ratio_max": 10.0}}).parts()) == ["fidelity"]
+    challenge = suite.read_by({"arc_challenge_local/acc_norm": {"drop_max": 1.0}, "generation_common_prefix": {}})
+    assert list(challenge.parts()) == ["benchmarks", "generation"] and challenge.benchmarks.tasks == ["arc_challenge_local"]
+    assert suite.read_by({}) == suite
 
 
 def test_thresholds_judge_each_kind():

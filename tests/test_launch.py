@@ -93,22 +93,36 @@ def assert_final_is_the_last_checkpoint(converted: Path, run: Path) -> None:
     torch.testing.assert_close(got, wanted, atol=1e-5, rtol=1e-5)
 
 
-def test_two_cpu_processes_shard_resume_after_a_killed_rank_and_save_a_plain_model(tiny_pair, tmp_path, launch_config):
-    _, converted = tiny_pair
+def method(tmp_path: Path) -> dict:
     gates = tiny_gates(tmp_path / "gates.yaml")
-    method = dict(max_train_tokens=2000, train_layers="ladder", distill_alpha=0.5, align_tokens=600, use_peft=True,
-                  activation_checkpointing=True, gates_file=str(gates), gate_after="sane", **LORA)  # fmt: skip
+    return dict(max_train_tokens=2000, train_layers="ladder", distill_alpha=0.5, align_tokens=600, use_peft=True,
+                activation_checkpointing=True, gates_file=str(gates), gate_after="sane", **LORA)  # fmt: skip
 
-    straight = launch(launch_config, write_recipe(tmp_path / "straight.yaml", converted, tmp_path / "straight", **method))
-    assert "x 2 process(es)" in straight.stdout
-    assert straight.stdout.count("measuring the candidate") == 1  # the after gate, on the first process only
-    assert read_json(tmp_path / "straight" / "final" / "ladder_gate_sane.json")["passed"]
-    checkpoint = Path(last_complete_checkpoint(str(tmp_path / "straight")))
+
+def assert_one_run_of_two_processes(result: subprocess.CompletedProcess, run: Path) -> None:
+    assert "x 2 process(es)" in result.stdout
+    assert result.stdout.count("measuring the candidate") == 1  # the after gate, on the first process only
+    assert read_json(run / "final" / "ladder_gate_sane.json")["passed"]
+    checkpoint = Path(last_complete_checkpoint(str(run)))
     assert len(sharded_checkpoint_files(checkpoint)) == 2, list(checkpoint.rglob("*"))
-    assert_final_is_the_last_checkpoint(converted, tmp_path / "straight")
-    tokens = read_json(tmp_path / "straight" / "final" / "ladder_provenance.json")["adaptation"]["tokens"]
 
-    recipe = write_recipe(tmp_path / "killed.yaml", converted, tmp_path / "killed", **method)
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_pair, tmp_path_factory) -> int:
+    """The global token count of a run under FSDP that nobody interrupts: what every resumed run must end with (both
+    launchers give each process the same rows)."""
+    _, converted = tiny_pair
+    work = tmp_path_factory.mktemp("straight")
+    result = launch(REPO / "recipes/accelerate/fsdp.yaml", write_recipe(work / "r.yaml", converted, work / "run", **method(work)))
+    assert_one_run_of_two_processes(result, work / "run")
+    assert_final_is_the_last_checkpoint(converted, work / "run")
+    return read_json(work / "run" / "final" / "ladder_provenance.json")["adaptation"]["tokens"]
+
+
+def test_two_cpu_processes_shard_resume_after_a_killed_rank_and_save_a_plain_model(tiny_pair, tmp_path, launch_config,
+                                                                                   uninterrupted):  # fmt: skip
+    _, converted = tiny_pair
+    recipe = write_recipe(tmp_path / "killed.yaml", converted, tmp_path / "killed", **method(tmp_path))
     launcher = subprocess.Popen(launch_command(launch_config, recipe), cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
@@ -121,7 +135,8 @@ def test_two_cpu_processes_shard_resume_after_a_killed_rank_and_save_a_plain_mod
     assert not (tmp_path / "killed" / "final").exists(), "killed too late to test resuming"
     resumed = launch(launch_config, recipe)
     assert "resuming from" in resumed.stdout
-    assert read_json(tmp_path / "killed" / "final" / "ladder_provenance.json")["adaptation"]["tokens"] == tokens
+    assert_one_run_of_two_processes(resumed, tmp_path / "killed")
+    assert read_json(tmp_path / "killed" / "final" / "ladder_provenance.json")["adaptation"]["tokens"] == uninterrupted
     assert_final_is_the_last_checkpoint(converted, tmp_path / "killed")
 
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 import ladder  # noqa: F401  (registers the ladder model with the Auto classes)
 from conftest import ladder_twin, save_tiny_checkpoint, tiny_llama
 from ladder.convert.converter import convert as convert_checkpoint
-from ladder.serve.__main__ import free_port
+from ladder.serve.__main__ import free_port, main as serve_main
 from ladder.serve.model import SHAPES, ServeError, greedy_steps, iso_split, load_config, load_model
 
 NEW_TOKENS = 6
@@ -187,11 +187,14 @@ def test_slow_link_runs_in_namespaces_and_removes_them(tiny_ladder_checkpoint):
         (["bench", "--model", "CHECKPOINT", "--batch", "1,x"], {}, "--batch 1,x: give comma-separated positive integers"),
     ],
 )
-def test_bad_input_is_one_line(args, env, message, tiny_ladder_checkpoint):
-    done = serve(*[tiny_ladder_checkpoint if arg == "CHECKPOINT" else arg for arg in args], env=env)
-    assert done.returncode == 2
-    assert done.stderr.startswith("ladder.serve: error: ") and message in done.stderr
-    assert done.stderr.count("\n") == 1, done.stderr
+def test_bad_input_is_one_line(args, env, message, tiny_ladder_checkpoint, monkeypatch, capsys):
+    """In this process: each is found before any rank starts (the tests above run the command itself)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert serve_main([str(tiny_ladder_checkpoint) if arg == "CHECKPOINT" else str(arg) for arg in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ladder.serve: error: ") and message in err
+    assert err.count("\n") == 1, err
 
 
 def test_repeated_ladder_layers_are_refused(tiny_ladder_checkpoint, tmp_path):
