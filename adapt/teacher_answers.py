@@ -5,6 +5,8 @@
 DATA holds Alpaca-layout records (instruction, input, output), as the SmolLM2 recipe's files do. OUTPUT gets the same
 records with every `output` replaced by ORIGINAL's greedy answer to the same chat prompt, so a recipe trains on the
 teacher's answers by pointing its `data_files` at OUTPUT. Answers cut off at --max-new-tokens are kept as they are.
+Given a converted checkpoint instead of the original, it writes that model's own answers: data on which distillation
+is on-policy for the model it starts from.
 """
 
 import argparse
@@ -45,9 +47,9 @@ def read_records(path: Path, rows: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("original", help="the teacher: the original checkpoint (directory or Hub id)")
+    parser.add_argument("original", help="the model that answers: the original checkpoint (directory or Hub id), or a converted one")
     parser.add_argument("data", type=Path, help="Alpaca-layout JSON records")
-    parser.add_argument("output", type=Path, help="where the records with the teacher's answers go")
+    parser.add_argument("output", type=Path, help="where the records with the model's answers go")
     parser.add_argument("--rows", default=":", help="START:END slice of the records (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     answered = teacher_answers(model, tokenizer, records, args.max_new_tokens, args.batch_size)
     with staged(args.output, directory=False) as partial:
         partial.write_text(json.dumps(answered, indent=1, ensure_ascii=False))
-    print(f"{len(records)} teacher answers: {args.output}")
+    print(f"{len(records)} answers: {args.output}")
     return 0
 
 

@@ -51,7 +51,7 @@ METHODS = {
                                "lora_target_modules": "all-linear", "learning_rate": 5e-4},
     "distill-lr3e-4": DISTILL,
     # Self-distillation: the original's own greedy answers to the Alpaca training prompts replace the data's answers.
-    "self-distill": DISTILL | {"learning_rate": 1e-4, "teacher_answers": True},
+    "self-distill": DISTILL | {"learning_rate": 1e-4, "answers": "teacher"},
     # Layer-wise alignment (adapt/alignment.py) for a share of the budget, then distillation: each ladder layer fed
     # the original's streams (teacher-forced), or the student's own earlier layers' (-student; the recipe's default
     # is align50-student).
@@ -69,6 +69,11 @@ METHODS = {
     # rate, for the whole budget.
     "align-ladder-lr1e-3": DISTILL | {"align_tokens": 1.0, "align_inputs": "teacher", "train_layers": "ladder",
                                       "learning_rate": 1e-3},
+    # For the greedy answers to agree, not only the next-token distributions on the data: KL to the original on
+    # sequences the converted model wrote itself (its greedy answers to the training prompts, generated once before
+    # training: on-policy for the starting model), or on the original's own answers.
+    **{f"kl-lr3e-5-{source}-answers": DISTILL | {"distill_alpha": 1.0, "learning_rate": 3e-5, "answers": source}
+       for source in ("student", "teacher")},
 }  # fmt: skip
 TARGET = fidelity_targets(load_gates_file().gates["after_adapt"])  # KL and top-1 of the recovery gate
 
@@ -90,16 +95,16 @@ def gates_file(path: Path, chats: int, arc_limit: int | None) -> Path:
     return curve
 
 
-def teacher_answers_recipe(original: Path, output: Path, prompts: int) -> Path:
-    """The SmolLM2 recipe with its data replaced by the original's answers to the first `prompts` Alpaca prompts
-    (generated once into `output`: about a minute per 25 prompts on 2 cores)."""
-    answers = output / f"teacher_answers_{prompts}.json"
+def answers_recipe(source: str, model: Path, output: Path, prompts: int) -> Path:
+    """The SmolLM2 recipe with its data replaced by `model`'s greedy answers to the first `prompts` Alpaca prompts
+    (generated once into `output`, named by `source`, teacher or student: about a minute per 25 prompts on 2 cores)."""
+    answers = output / f"{source}_answers_{prompts}.json"
     if not answers.is_file():
-        command = [sys.executable, "-m", "ladder.adapt.teacher_answers", original, ALPACA_FILE, answers, f"--rows=0:{prompts}"]
+        command = [sys.executable, "-m", "ladder.adapt.teacher_answers", model, ALPACA_FILE, answers, f"--rows=0:{prompts}"]
         subprocess.run(command, cwd=REPO, check=True)
     recipe = yaml.safe_load(RECIPE.read_text())
     recipe["datasets"] = [{"path": "json", "data_files": str(answers), "split": "train"}]
-    path = output / "recipe_teacher_answers.yaml"
+    path = output / f"recipe_{source}_answers.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
@@ -111,7 +116,7 @@ def train(method: str, converted: Path, output: Path, tokens: float, checkpoints
     if (output / "final" / "config.json").is_file():  # adapt/sft.py writes `final` last
         print(f"\n== {method}: {output} is a finished run; kept")
         return
-    overrides = {key: value for key, value in METHODS[method].items() if key != "teacher_answers"}
+    overrides = {key: value for key, value in METHODS[method].items() if key != "answers"}
     save_steps = max(1, math.ceil(tokens / tokens_per_step(recipe, overrides, settings) / checkpoints))
     overrides |= {
         "model_name_or_path": converted, "output_dir": output, "max_train_tokens": tokens, "save_steps": save_steps,
@@ -259,7 +264,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--chats", type=int, default=100, help="held-out chats for KL and top-1")
     parser.add_argument("--arc-limit", type=int, help="questions per ARC set at the last checkpoint (default: all; 0: none)")
-    parser.add_argument("--teacher-prompts", type=int, default=4500, help="Alpaca prompts the original answers for self-distill")
+    parser.add_argument("--answer-prompts", type=int, default=4500,
+                        help="Alpaca prompts answered for the methods that train on a model's answers (self-distill, *-answers)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                         help="a recipe setting for every method, e.g. --set use_cpu=false --set bf16=true on a GPU")
     parser.add_argument("--output", type=Path, default=REPO / "runs" / "healing")
@@ -276,8 +282,9 @@ def main() -> None:
         results = {}
         for method in args.methods:
             run = args.output / method
-            uses_answers = METHODS[method].get("teacher_answers")
-            recipe = teacher_answers_recipe(original, args.output, args.teacher_prompts) if uses_answers else RECIPE
+            source = METHODS[method].get("answers")
+            answerer = {"teacher": original, "student": args.converted}.get(source)
+            recipe = answers_recipe(source, answerer, args.output, args.answer_prompts) if source else RECIPE
             train(method, args.converted, run, args.tokens, args.checkpoints, recipe, args.settings)
             results[method] = curve(method, run, start, args.converted, original, Path(work) / "gates.yaml", curve_gates, Path(work))
     (args.output / "healing_curves.json").write_text(json.dumps(results, indent=2) + "\n")

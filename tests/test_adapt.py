@@ -248,16 +248,18 @@ def test_packed_attention_gives_each_sequence_its_own_logits_and_gradients(tiny_
     assert torch.equal(packed_model.generate(**prompt), sdpa_model.generate(**prompt))
 
 
-def test_teacher_answers_are_the_originals_own_greedy_answers(tiny_pair, tmp_path, capsys):
-    """Self-distillation data: every record keeps its prompt, and its answer is the original's greedy answer to it,
-    the same batched (left-padded, sorted by length) as generated one by one."""
-    original, _ = tiny_pair
+@pytest.mark.parametrize("answerer", ["original", "converted"])
+def test_answers_are_the_models_own_greedy_answers(tiny_pair, tmp_path, capsys, answerer):
+    """Self-distillation data (the original's answers) and on-policy data (the converted model's): every record keeps
+    its prompt, and its answer is the model's greedy answer to it, the same batched (left-padded, sorted by length) as
+    generated one by one."""
+    model_dir = dict(zip(["original", "converted"], tiny_pair))[answerer]
     records = json.loads((REPO / "gates/data/alpaca_5000.json").read_text())[:5]
     (tmp_path / "data.json").write_text(json.dumps(records))
-    command = [original, tmp_path / "data.json", tmp_path / "answers.json", "--max-new-tokens", "12", "--batch-size", "3"]
+    command = [model_dir, tmp_path / "data.json", tmp_path / "answers.json", "--max-new-tokens", "12", "--batch-size", "3"]
     assert teacher_answers_main(list(map(str, command))) == 0
     answers = json.loads((tmp_path / "answers.json").read_text())
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(original), AutoTokenizer.from_pretrained(original)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     assert len(answers) == len(records)
     for record, answer in zip(records, answers):
         assert (answer["instruction"], answer["input"]) == (record["instruction"], record["input"])
@@ -267,7 +269,7 @@ def test_teacher_answers_are_the_originals_own_greedy_answers(tiny_pair, tmp_pat
         assert answer["output"] == tokenizer.decode(new_tokens, skip_special_tokens=True).strip() != record["output"]
 
     capsys.readouterr()
-    assert teacher_answers_main([str(original), str(tmp_path / "missing.json"), str(tmp_path / "out.json")]) == 2
+    assert teacher_answers_main([str(model_dir), str(tmp_path / "missing.json"), str(tmp_path / "out.json")]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "out.json").exists()
 
 
