@@ -7,6 +7,7 @@ folder, so a recipe runs from anywhere; on the command line they resolve relativ
 """
 
 import argparse
+import json
 import math
 import sys
 import warnings
@@ -49,6 +50,16 @@ class LadderArguments:
     align_inputs: Literal["teacher", "student"] = field(
         default="teacher", metadata={"help": "Alignment feeds each ladder layer the original's streams, or its own"}
     )
+    ladder_ramp: float = field(
+        default=0,
+        metadata={"help": "Tokens over which the ladder layers are switched on one at a time, each healed before the "
+                          "next (up to 1: a share of the budget); 0: all at once"},
+    )  # fmt: skip
+    ladder_ramp_order: list[int] | None = field(
+        default=None,
+        metadata={"help": "The order the ramp switches the ladder layers on; None: the order --placement measured "
+                          "added them in (the provenance), else from the top down"},
+    )  # fmt: skip
     dataset_template: Literal["none", "alpaca", "sharegpt"] = field(
         default="none", metadata={"help": "none (messages or prompt/completion), alpaca or sharegpt records"}
     )
@@ -195,10 +206,14 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"distill_temperature must be positive, not {ladder.distill_temperature}")
     if not (math.isfinite(ladder.max_train_tokens) and ladder.max_train_tokens > 0):
         raise RecipeError(f"max_train_tokens must be a positive number, not {ladder.max_train_tokens}")
-    if not 0 <= ladder.align_tokens <= ladder.max_train_tokens:
-        raise RecipeError(f"align_tokens must be in [0, max_train_tokens], not {ladder.align_tokens}")
-    if ladder.align_tokens <= 1:  # a share of the budget, as transformers reads warmup_steps below 1 (1: all of it)
-        ladder.align_tokens = ladder.align_tokens * ladder.max_train_tokens
+    for name in ("align_tokens", "ladder_ramp"):
+        tokens = getattr(ladder, name)
+        if not 0 <= tokens <= ladder.max_train_tokens:
+            raise RecipeError(f"{name} must be in [0, max_train_tokens], not {tokens}")
+        if tokens <= 1:  # a share of the budget, as transformers reads warmup_steps below 1 (1: all of it)
+            setattr(ladder, name, tokens * ladder.max_train_tokens)
+    if ladder.ladder_ramp and ladder.align_tokens:
+        raise RecipeError("ladder_ramp and align_tokens do not combine: the ramp heals by distillation or SFT")
     if (ladder.dry_run_processes is not None and ladder.dry_run_processes < 1) or ladder.dry_run_device_gb <= 0:
         raise RecipeError("dry_run_processes and dry_run_device_gb must be positive")
     if not recipe.model.model_name_or_path:
@@ -264,6 +279,24 @@ def check_files(recipe: Recipe) -> None:
     if not (recipe.ladder.reference or provenance):
         raise RecipeError(f"{model_dir} has no {PROVENANCE_FILE} naming its original: set reference in the recipe")
     recipe.ladder.reference = recipe.ladder.reference or provenance["source"]
+    check_ramp(recipe.ladder, provenance, ladder_layers(model_dir))
+
+
+def ladder_layers(model_dir: Path) -> list[int]:
+    return json.loads((model_dir / "config.json").read_text()).get("ladder_layers", [])
+
+
+def check_ramp(ladder: LadderArguments, provenance: dict, layers: list[int]) -> None:
+    """The ramp's order, resolved; the ramp needs a checkpoint whose modules run standard wiring as the original's."""
+    if not ladder.ladder_ramp:
+        return
+    if "fit" in provenance:
+        raise RecipeError("ladder_ramp needs a model converted without --fit: the fitted modules expect the ladder "
+                          "wiring's inputs from the first step")  # fmt: skip
+    order = ladder.ladder_ramp_order or provenance.get("placement", {}).get("added_in_order") or sorted(layers, reverse=True)
+    if sorted(order) != sorted(layers):
+        raise RecipeError(f"ladder_ramp_order {order} must name each of the model's ladder layers {layers} once")
+    ladder.ladder_ramp_order = order
 
 
 def copy_recipe(name: str, destination: str) -> Path:

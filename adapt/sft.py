@@ -45,6 +45,7 @@ from ladder.adapt.recipe import (
 )
 from ladder.adapt.trainer import (
     DistillingSFTTrainer,
+    LadderRamp,
     SharedTrunkTeacher,
     TokenBudget,
     TrainingClock,
@@ -171,13 +172,22 @@ def build_trainer(recipe: Recipe, dataset, tokenizer) -> DistillingSFTTrainer:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[TokenBudget(int(ladder.max_train_tokens)), TrainingClock()],
+        callbacks=[TokenBudget(int(ladder.max_train_tokens)), TrainingClock(), *ramp(model, ladder)],
         teacher=teacher,
         alpha=ladder.distill_alpha,
         temperature=ladder.distill_temperature,
         aligner=aligner,
         align_tokens=int(ladder.align_tokens),
     )
+
+
+def ramp(model, ladder) -> list[LadderRamp]:
+    """The recipe's progressive conversion, if any: the ladder layers start as standard layers."""
+    if not ladder.ladder_ramp:
+        return []
+    layers = [model.model.layers[index] for index in ladder.ladder_ramp_order]
+    print(f"ladder layers switched on one at a time over {ladder.ladder_ramp:,.0f} tokens: {ladder.ladder_ramp_order}")
+    return [LadderRamp(layers, ladder.ladder_ramp)]
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:

@@ -160,6 +160,32 @@ class TrainingClock(TrainerCallback):
             )
 
 
+class LadderRamp(TrainerCallback):
+    """Progressive conversion: the ladder layers of `layers` (decoder layers, in the order to switch them on) run
+    standard wiring until their turn, one more switched on every `tokens / len(layers)` training tokens, the first
+    from the start. Set from the token count in the trainer state, so a resumed run is wired as it was; the saved
+    config always names every ladder layer, so a checkpoint is the ladder model whatever the step."""
+
+    def __init__(self, layers: list[nn.Module], tokens: float):
+        self.layers, self.tokens = layers, tokens
+
+    def switched_on(self, tokens_seen: int) -> int:
+        return min(len(self.layers), 1 + int(len(self.layers) * tokens_seen / self.tokens))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        on = self.switched_on(state.num_input_tokens_seen)
+        for rank, layer in enumerate(self.layers):
+            layer.is_ladder = rank < on
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            logs["ladder_layers_on"] = state.log_history[-1]["ladder_layers_on"] = sum(layer.is_ladder for layer in self.layers)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for layer in self.layers:
+            layer.is_ladder = True
+
+
 class SharedTrunkTeacher(nn.Module):
     """The teacher from layer `first` up, fed the student's hidden state after layer `first - 1`.
 

@@ -74,6 +74,11 @@ METHODS = {
     # training: on-policy for the starting model), or on the original's own answers.
     **{f"kl-lr3e-5-{source}-answers": DISTILL | {"distill_alpha": 1.0, "learning_rate": 3e-5, "answers": source}
        for source in ("student", "teacher")},
+    # Progressive conversion (from a model converted without --fit): the ladder layers switched on one at a time over
+    # the first quarter of the budget, in the order `--placement measured` added the demo's 15 layers (benchmarks
+    # README), then KL-only distillation with all of them on.
+    "kl-lr3e-5-ramp25": DISTILL | {"distill_alpha": 1.0, "learning_rate": 3e-5, "ladder_ramp": 0.25,
+                                   "ladder_ramp_order": [25, 26, 27, 8, 6, 20, 23, 21, 5, 4, 22, 24, 28, 7, 14]},
 }  # fmt: skip
 TARGET = fidelity_targets(load_gates_file().gates["after_adapt"])  # KL and top-1 of the recovery gate
 
@@ -122,11 +127,17 @@ def train(method: str, converted: Path, output: Path, tokens: float, checkpoints
         "model_name_or_path": converted, "output_dir": output, "max_train_tokens": tokens, "save_steps": save_steps,
         "save_total_limit": None, "gate_after": None, "report_to": "none", "logging_steps": 1,
     }  # fmt: skip
-    arguments = [f"--{key}={'null' if value is None else json.dumps(value) if isinstance(value, dict) else value}"
-                 for key, value in overrides.items()]  # fmt: skip
+    arguments = [argument for key, value in overrides.items() for argument in flag(key, value)]
     arguments += [f"--{setting}" for setting in settings]
     print(f"\n== {method}: adapt/sft.py {recipe.name} {' '.join(arguments)}", flush=True)
     subprocess.run([sys.executable, REPO / "adapt" / "sft.py", recipe, *arguments], cwd=REPO, check=True)
+
+
+def flag(key: str, value) -> list[str]:
+    """A recipe override as adapt/sft.py's command line takes it."""
+    if isinstance(value, list):
+        return [f"--{key}", *map(str, value)]
+    return [f"--{key}={'null' if value is None else json.dumps(value) if isinstance(value, dict) else value}"]
 
 
 def tokens_per_step(recipe: Path, overrides: dict, settings: list[str]) -> int:

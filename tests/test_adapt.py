@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from ladder.adapt.teacher_answers import main as teacher_answers_main
 from ladder.adapt import trainer as trainer_module
 from ladder.adapt.trainer import (
     DistillingSFTTrainer,
+    LadderRamp,
     SharedTrunkTeacher,
     distillation_sums,
     freeze_all_but,
@@ -273,6 +275,48 @@ def test_answers_are_the_models_own_greedy_answers(tiny_pair, tmp_path, capsys, 
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "out.json").exists()
 
 
+def test_the_ramp_switches_the_ladder_layers_on_in_its_order_and_leaves_them_all_on(tiny_pair):
+    """Progressive conversion: one ladder layer on from the first step, one more every third of the ramp, each a
+    ladder layer exactly (the same logits as a model converted with just the layers on so far)."""
+    _, ladder = tiny_pair
+    model = AutoModelForCausalLM.from_pretrained(ladder).eval()
+    ramp = LadderRamp([model.model.layers[index] for index in (5, 3, 4)], tokens=900)
+    ids = torch.randint(3, 49152, (2, 12))
+    for tokens_seen, on in [(0, [5]), (299, [5]), (300, [3, 5]), (650, [3, 4, 5]), (5000, [3, 4, 5])]:
+        ramp.on_step_begin(None, SimpleNamespace(num_input_tokens_seen=tokens_seen), None)
+        wired = AutoModelForCausalLM.from_pretrained(ladder, ladder_layers=on).eval()
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, wired(ids).logits), (tokens_seen, on)
+    ramp.on_step_begin(None, SimpleNamespace(num_input_tokens_seen=0), None)
+    ramp.on_train_end(None, None, None)
+    assert all(layer.is_ladder for layer in model.model.layers[3:]) and not any(layer.is_ladder for layer in model.model.layers[:3])
+
+
+def test_a_ramped_heal_logs_its_layers_on_and_saves_the_whole_ladder_model(tiny_pair, tmp_path):
+    _, ladder = tiny_pair
+    recipe = write_recipe(tmp_path / "r.yaml", ladder, tmp_path / "run", ladder_ramp=0.5, save_steps=100)
+    result = sft(recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "switched on one at a time over 750 tokens: [5, 4, 3]" in result.stdout  # no measured order: from the top
+    state = read_json(Path(last_complete_checkpoint(str(tmp_path / "run"))) / "trainer_state.json")
+    on = [entry["ladder_layers_on"] for entry in state["log_history"] if "loss" in entry]
+    assert on == sorted(on) and set(on) == {1, 2, 3}
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").config.ladder_layers == [3, 4, 5]
+
+
+def test_the_ramp_refuses_a_fitted_model(tiny_pair, tmp_path, capsys):
+    from ladder.adapt import sft as sft_script
+
+    _, ladder = tiny_pair
+    fitted = tmp_path / "fitted"
+    shutil.copytree(ladder, fitted)
+    provenance = read_json(fitted / "ladder_provenance.json") | {"fit": {"ridge": 0.01}}
+    (fitted / "ladder_provenance.json").write_text(json.dumps(provenance))
+    with pytest.raises(SystemExit) as exit_info:
+        sft_script.main([str(write_recipe(tmp_path / "r.yaml", fitted, tmp_path / "run", ladder_ramp=0.25))])
+    assert exit_info.value.code == 2 and "ladder_ramp needs a model converted without --fit" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "override, message",
     [({"learning_rat": 1e-4}, "Unknown arguments from config file: ['--learning_rat'"),
@@ -283,6 +327,8 @@ def test_answers_are_the_models_own_greedy_answers(tiny_pair, tmp_path, capsys, 
      ({"distill_alpha": 2}, "distill_alpha must be in [0, 1]"),
      ({"align_tokens": 1e9}, "align_tokens must be in [0, max_train_tokens]"),
      ({"align_inputs": "both"}, "align_inputs must be one of teacher, student"),
+     ({"ladder_ramp": 0.25, "align_tokens": 0.5}, "ladder_ramp and align_tokens do not combine"),
+     ({"ladder_ramp": 0.25, "ladder_ramp_order": [3, 4]}, "ladder_ramp_order [3, 4] must name each of the model's ladder layers [3, 4, 5] once"),
      ({"gate_after": "after_lunch"}, "gate 'after_lunch' is not in the gates file"),
      ({"max_train_tokens": "lots"}, "invalid float value: 'lots'"),
      ({"dry_run_processes": 0}, "dry_run_processes and dry_run_device_gb must be positive"),
