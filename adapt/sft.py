@@ -225,17 +225,19 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 def print_plan(recipe: Recipe, tokens_per_sequence: float, processes: int) -> int:
     """The steps the token budget needs, printed before any training."""
-    args, budget = recipe.training, int(recipe.ladder.max_train_tokens)
+    args, ladder = recipe.training, recipe.ladder
+    budget = int(ladder.max_train_tokens)
     tokens_per_step = tokens_per_sequence * args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
     planned = math.ceil(budget / tokens_per_step)
-    ladder = recipe.ladder
-    alignment = (f"layer-wise alignment for the first {int(ladder.align_tokens):,} tokens ({ladder.align_inputs} inputs)"
-                 if ladder.align_tokens else "no layer-wise alignment")
+    alignment = "no layer-wise alignment"
+    if ladder.align_tokens:
+        alignment = f"layer-wise alignment for the first {int(ladder.align_tokens):,} tokens"
+        alignment += f" ({ladder.align_inputs} inputs)"
     print(
         f"plan: {budget:,} tokens = {planned:,} steps x ~{tokens_per_step:,.0f} tokens/step "
         f"({args.per_device_train_batch_size} sequences x {args.gradient_accumulation_steps} accumulation x "
         f"{processes} process(es) x ~{tokens_per_sequence:,.0f} tokens); lr {args.learning_rate}, "
-        f"train_layers {recipe.ladder.train_layers}, LoRA {'on' if recipe.model.use_peft else 'off'}, "
+        f"train_layers {ladder.train_layers}, LoRA {'on' if recipe.model.use_peft else 'off'}, "
         f"distill_alpha {ladder.distill_alpha}, {alignment}"
     )
     return planned

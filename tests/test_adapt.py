@@ -380,7 +380,8 @@ def test_a_constant_then_linear_schedule_decays_over_its_share_of_the_steps(tiny
 )  # fmt: skip
 def test_8b_recipe_dry_run_prints_the_plan_and_the_memory_per_gpu(options, launch, total, verdict):
     result = sft(REPO / "recipes/8b.yaml", *options)
-    assert "plan: 300,000,000 tokens = 287 steps" in result.stdout and "distill_alpha 1.0, no layer-wise alignment" in result.stdout
+    assert "plan: 300,000,000 tokens = 287 steps" in result.stdout
+    assert "distill_alpha 1.0, no layer-wise alignment" in result.stdout
     assert f"memory plan per device: {launch}, 8 process(es), 80 GB each" in result.stdout
     [total_line] = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["total"]]
     assert total_line[1] == total and " ".join(total_line[4:]) == verdict
