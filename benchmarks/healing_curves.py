@@ -3,7 +3,7 @@ checkpoint gated against the original.
 
     python benchmarks/healing_curves.py                          # 2M tokens per method: many hours on 2 cores
     python benchmarks/healing_curves.py --tokens 4e4 --checkpoints 4 --methods sft distill-frozen
-    python benchmarks/healing_curves.py --set use_cpu=false --set bf16=true   # on a GPU
+    python benchmarks/healing_curves.py --set use_cpu=false --set bf16=true --gate-while-training   # on a GPU
 
 Each method is `python adapt/sft.py recipes/smollm2-135m.yaml` with a few overrides (METHODS), run on the checkpoint
 `ladder-convert` wrote (runs/smollm2-ladder15 by default). Every saved checkpoint gets a fidelity-only gate (KL and
@@ -19,6 +19,8 @@ import math
 import subprocess
 import sys
 import tempfile
+import time
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -59,7 +61,7 @@ METHODS = {
        for suffix, inputs in (("", "teacher"), ("-student", "student")) for share in (25, 50, 75)},
     # KL only (distill_alpha 1.0, as RADLADS and Minitron distil), at gentler learning rates: for a model that
     # `ladder-convert --fit` already brought close, which the default's alignment at 3e-4 pushes away again.
-    **{f"kl-lr{lr}": DISTILL | {"distill_alpha": 1.0, "learning_rate": float(lr)} for lr in ("1e-4", "3e-5")},
+    **{f"kl-lr{lr}": DISTILL | {"distill_alpha": 1.0, "learning_rate": float(lr)} for lr in ("3e-4", "1e-4", "3e-5")},
     "kl-lr1e-4-accum4": DISTILL | {"distill_alpha": 1.0, "learning_rate": 1e-4, "gradient_accumulation_steps": 4},
     # The same with the learning rate constant, then decaying linearly to 0 over the last 40% of the steps (WSD).
     **{f"kl-lr{lr}-wsd": DISTILL | {"distill_alpha": 1.0, "learning_rate": float(lr), "lr_scheduler_type": "warmup_stable_decay",
@@ -83,8 +85,9 @@ METHODS = {
 TARGET = fidelity_targets(load_gates_file().gates["after_adapt"])  # KL and top-1 of the recovery gate
 
 
-def gates_file(path: Path, chats: int, arc_limit: int | None) -> Path:
-    """`curve`: fidelity only, for every checkpoint. `final`: the recovery target of the issue, for the last one."""
+def gates_file(path: Path, chats: int, arc_limit: int | None, curve_generation: bool = False) -> Path:
+    """`curve`: fidelity (and with `curve_generation` the greedy answers), for every checkpoint. `final`: the recovery
+    target of the issue, for the last one."""
     fidelity = {"chats": chats, "max_length": 512, "top_k": 512, "batch_size": 8}
     arc = {"tasks": ["arc_easy_local", "arc_challenge_local"], "limit": arc_limit, "batch_size": 16}
     generation = {"prompts": 50, "max_new_tokens": 32, "batch_size": 16}
@@ -96,7 +99,8 @@ def gates_file(path: Path, chats: int, arc_limit: int | None) -> Path:
         final |= {"arc_easy_local/acc": {"drop_max": 1.0}, "arc_challenge_local/acc": {"drop_max": 1.0}}
     path.write_text(yaml.safe_dump({"suite": suite, "gates": {"final": final}}))
     curve = path.with_name("curve_gates.yaml")
-    curve.write_text(yaml.safe_dump({"suite": {"fidelity": fidelity}, "gates": {"curve": {}}}))
+    curve_suite = {"fidelity": fidelity} | ({"generation": generation} if curve_generation else {})
+    curve.write_text(yaml.safe_dump({"suite": curve_suite, "gates": {"curve": {}}}))
     return curve
 
 
@@ -115,9 +119,10 @@ def answers_recipe(source: str, model: Path, output: Path, prompts: int) -> Path
 
 
 def train(method: str, converted: Path, output: Path, tokens: float, checkpoints: int, recipe: Path,
-          settings: list[str]) -> None:  # fmt: skip
+          settings: list[str], while_training=None) -> None:  # fmt: skip
     """Runs (or resumes, after an interruption) the recipe for one method, with `settings` (KEY=VALUE) overriding
-    both the recipe and the method; a finished run is kept as it is."""
+    both the recipe and the method; a finished run is kept as it is. `while_training`, if given, is called every few
+    seconds while the run trains (to gate the checkpoints it has written so far)."""
     if (output / "final" / "config.json").is_file():  # adapt/sft.py writes `final` last
         print(f"\n== {method}: {output} is a finished run; kept")
         return
@@ -130,7 +135,16 @@ def train(method: str, converted: Path, output: Path, tokens: float, checkpoints
     arguments = [argument for key, value in overrides.items() for argument in flag(key, value)]
     arguments += [f"--{setting}" for setting in settings]
     print(f"\n== {method}: adapt/sft.py {recipe.name} {' '.join(arguments)}", flush=True)
-    subprocess.run([sys.executable, REPO / "adapt" / "sft.py", recipe, *arguments], cwd=REPO, check=True)
+    command = [sys.executable, REPO / "adapt" / "sft.py", recipe, *arguments]
+    if while_training is None:
+        subprocess.run(command, cwd=REPO, check=True)
+        return
+    with subprocess.Popen(command, cwd=REPO) as training:
+        while training.poll() is None:
+            while_training()
+            time.sleep(5)
+    if training.returncode:
+        raise subprocess.CalledProcessError(training.returncode, command)
 
 
 def flag(key: str, value) -> list[str]:
@@ -168,11 +182,12 @@ def seconds_trained(checkpoint: Path) -> float | None:
 
 
 def curve(method: str, run: Path, start: dict, converted: Path, original: Path, gates: Path, curve_gates: Path,
-          work: Path) -> list[dict]:  # fmt: skip
-    """`start`: the converted model's point, the same for every method."""
+          work: Path, finished: bool = True) -> list[dict]:  # fmt: skip
+    """`start`: the converted model's point, the same for every method. While the run still trains (not `finished`)
+    every checkpoint so far gets the curve's gate, the last one too."""
     points = [start]
     checkpoints = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-    last = Path(last_complete_checkpoint(run))
+    last = Path(last_complete_checkpoint(run)) if finished else None
     for state in checkpoints:
         checkpoint, is_last = state.parent, state.parent == last
         gate, gate_file = ("final", gates) if is_last else ("curve", curve_gates)
@@ -217,14 +232,16 @@ def extrapolated_tokens_to_target(points: list[dict]) -> float | None:
         y = [math.log(max(e, 1e-9)) for e in errors]
         mean_x, mean_y = sum(x) / len(x), sum(y) / len(y)
         slope = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y)) / sum((a - mean_x) ** 2 for a in x)
-        if slope >= 0:
+        exponent = mean_x + (math.log(target) - mean_y) / slope if slope < 0 else math.inf
+        if exponent > 50:  # a curve that does not fall, or too slowly to name a token count
             return None
-        needed.append(math.exp(mean_x + (math.log(target) - mean_y) / slope))
+        needed.append(math.exp(exponent))
     return max(needed)
 
 
 def print_table(results: dict[str, list[dict]]) -> None:
-    columns = ["kl", "top1_agreement", "arc_easy_local/acc", "arc_challenge_local/acc", "generation_exact_match"]
+    columns = ["kl", "top1_agreement", "arc_easy_local/acc", "arc_challenge_local/acc", "generation_exact_match",
+               "generation_common_prefix"]
     print("\n| method | tokens | seconds | " + " | ".join(columns) + " |\n|---|---:|---:|" + "---:|" * len(columns))
     for method, points in results.items():
         for point in points:
@@ -267,6 +284,10 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
+def write_results(results: dict[str, list[dict]], output: Path) -> None:
+    (output / "healing_curves.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--converted", type=Path, default=REPO / "runs" / "smollm2-ladder15", help="ladder-convert's output")
@@ -279,6 +300,11 @@ def main() -> None:
                         help="Alpaca prompts answered for the methods that train on a model's answers (self-distill, *-answers)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                         help="a recipe setting for every method, e.g. --set use_cpu=false --set bf16=true on a GPU")
+    parser.add_argument("--gate-while-training", action="store_true",
+                        help="gate each checkpoint as soon as it is written, beside the training (on a GPU: the curve "
+                             "so far survives a time limit), and rewrite healing_curves.json after each")
+    parser.add_argument("--curve-generation", action="store_true",
+                        help="greedy answers (exact match, common prefix) at every checkpoint, not only the last")
     parser.add_argument("--output", type=Path, default=REPO / "runs" / "healing")
     args = parser.parse_args()
     if malformed := [s for s in args.settings if "=" not in s or s.startswith("=")]:
@@ -288,7 +314,7 @@ def main() -> None:
     original = fetch_smollm2()
     args.output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        curve_gates = gates_file(Path(work) / "gates.yaml", args.chats, args.arc_limit)
+        curve_gates = gates_file(Path(work) / "gates.yaml", args.chats, args.arc_limit, args.curve_generation)
         start = {"tokens": 0} | metrics(run_gate(args.converted, "curve", str(original), curve_gates, label="converted").rows)
         results = {}
         for method in args.methods:
@@ -296,9 +322,17 @@ def main() -> None:
             source = METHODS[method].get("answers")
             answerer = {"teacher": original, "student": args.converted}.get(source)
             recipe = answers_recipe(source, answerer, args.output, args.answer_prompts) if source else RECIPE
-            train(method, args.converted, run, args.tokens, args.checkpoints, recipe, args.settings)
-            results[method] = curve(method, run, start, args.converted, original, Path(work) / "gates.yaml", curve_gates, Path(work))
-    (args.output / "healing_curves.json").write_text(json.dumps(results, indent=2) + "\n")
+            method_curve = partial(curve, method, run, start, args.converted, original, Path(work) / "gates.yaml",
+                                   curve_gates, Path(work))  # fmt: skip
+
+            def gate_so_far(method=method, method_curve=method_curve):
+                results[method] = method_curve(finished=False)
+                write_results(results, args.output)
+
+            train(method, args.converted, run, args.tokens, args.checkpoints, recipe, args.settings,
+                  gate_so_far if args.gate_while_training else None)  # fmt: skip
+            results[method] = method_curve()
+            write_results(results, args.output)
     plot(results, args.output / "healing_curves.png")
     print_table(results)
     print(f"\nplot: {args.output / 'healing_curves.png'}")

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
 import ladder  # noqa: F401  (registers the ladder model with the Auto classes)
-from conftest import ladder_twin, save_tiny_checkpoint, tiny_llama
+from conftest import REPO, ladder_twin, save_tiny_checkpoint, tiny_llama
 from ladder.convert.converter import convert as convert_checkpoint
 from ladder.serve.__main__ import free_port, main as serve_main
 from ladder.serve.model import SHAPES, ServeError, greedy_steps, iso_split, load_config, load_model
@@ -204,3 +204,28 @@ def test_repeated_ladder_layers_are_refused(tiny_ladder_checkpoint, tmp_path):
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ServeError, match=r"ladder_layers \[2, 2, 3\] are not distinct layer indices from 0 to 5"):
         load_config(str(copy))
+
+
+def test_gpu_overlap_benchmark_runs_and_its_async_wiring_is_the_ladder(monkeypatch):
+    """benchmarks/gpu_overlap.py (one GPU; here its tiny CPU run, so it does not rot): the asynchronous steps compute
+    the synchronous ladder wiring exactly, which is not the standard one, and an early read fails its check."""
+    script = REPO / "benchmarks" / "gpu_overlap.py"
+    run = subprocess.run([sys.executable, script, "--shapes", "tiny", "--layers", "3", "--batch", "2", "--repeats", "2",
+                          "--microseconds", "5", "--device", "cpu"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "| 5 | " in run.stdout and "async outputs equal the synchronous ones" in run.stdout
+    monkeypatch.syspath_prepend(str(script.parent))
+    import gpu_overlap
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(gpu_overlap.ShardLayer(gpu_overlap.SHAPES["tiny"], 2, 8) for _ in range(3))
+    comm, x = gpu_overlap.EmulatedAllReduce(torch.device("cpu"), 0), torch.randn(2, 64)
+    with torch.no_grad():
+        ladder_wiring = gpu_overlap.ladder_sync_step(layers, comm, x)
+        assert torch.equal(gpu_overlap.ladder_async_step(layers, comm, x), ladder_wiring)
+        assert not torch.allclose(gpu_overlap.standard_step(layers, comm, x), ladder_wiring)
+    # A sum read before it lands is NaN (on a GPU), which the benchmark's check refuses.
+    early = ladder_wiring.clone()
+    early[0, 0] = float("nan")
+    with pytest.raises(AssertionError, match="relative difference nan"):
+        gpu_overlap.check_equal(early, ladder_wiring, "a test")
