@@ -16,6 +16,7 @@ runs and gate reports already in --output are reused.
 import argparse
 import json
 import math
+import signal
 import subprocess
 import sys
 import tempfile
@@ -121,8 +122,8 @@ def answers_recipe(source: str, model: Path, output: Path, prompts: int) -> Path
 def train(method: str, converted: Path, output: Path, tokens: float, checkpoints: int, recipe: Path,
           settings: list[str], while_training=None) -> None:  # fmt: skip
     """Runs (or resumes, after an interruption) the recipe for one method, with `settings` (KEY=VALUE) overriding
-    both the recipe and the method; a finished run is kept as it is. `while_training`, if given, is called every few
-    seconds while the run trains (to gate the checkpoints it has written so far)."""
+    both the recipe and the method; a finished run is kept as it is. `while_training`, if given, is called while the
+    run trains, whenever it has written a new checkpoint (to gate the checkpoints so far)."""
     if (output / "final" / "config.json").is_file():  # adapt/sft.py writes `final` last
         print(f"\n== {method}: {output} is a finished run; kept")
         return
@@ -136,13 +137,18 @@ def train(method: str, converted: Path, output: Path, tokens: float, checkpoints
     arguments += [f"--{setting}" for setting in settings]
     print(f"\n== {method}: adapt/sft.py {recipe.name} {' '.join(arguments)}", flush=True)
     command = [sys.executable, REPO / "adapt" / "sft.py", recipe, *arguments]
-    if while_training is None:
-        subprocess.run(command, cwd=REPO, check=True)
-        return
+    gated = None
     with subprocess.Popen(command, cwd=REPO) as training:
-        while training.poll() is None:
-            while_training()
-            time.sleep(5)
+        try:
+            while training.poll() is None:
+                written = sorted(output.glob("checkpoint-*/trainer_state.json"))
+                if while_training is not None and written != gated:  # only when a checkpoint was added
+                    while_training()
+                    gated = written
+                time.sleep(1)
+        except BaseException:  # Ctrl-C or SIGTERM: the training stops with us (and resumes on the next run)
+            training.terminate()
+            raise
     if training.returncode:
         raise subprocess.CalledProcessError(training.returncode, command)
 
@@ -289,6 +295,7 @@ def write_results(results: dict[str, list[dict]], output: Path) -> None:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so train() stops its run too
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--converted", type=Path, default=REPO / "runs" / "smollm2-ladder15", help="ladder-convert's output")
     parser.add_argument("--tokens", type=float, default=2e6, help="training tokens per method")
