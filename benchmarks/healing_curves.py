@@ -113,7 +113,8 @@ def answers_recipe(source: str, model: Path, output: Path, prompts: int) -> Path
         command = [sys.executable, "-m", "ladder.adapt.teacher_answers", model, ALPACA_FILE, answers, f"--rows=0:{prompts}"]
         subprocess.run(command, cwd=REPO, check=True)
     recipe = yaml.safe_load(RECIPE.read_text())
-    recipe["datasets"] = [{"path": "json", "data_files": str(answers), "split": "train"}]
+    # Absolute: a recipe's relative data files are read from the recipe's own folder.
+    recipe["datasets"] = [{"path": "json", "data_files": str(answers.resolve()), "split": "train"}]
     path = output / f"recipe_{source}_answers.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ladder.convert.converter import convert
-from ladder.convert.fit import FitSettings
+from ladder.convert.fit import OUTPUT_RIDGE, FitSettings
 from ladder.publish.cli import main as publish
 from ladder.serve.__main__ import free_port
 
@@ -31,9 +31,10 @@ pytestmark = pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason=f"no {VLLM_PYT
 
 # The wirings the plugin has to get right: the ladder tail (the paper's), every layer (the first layer's A = H = the
 # embeddings), and a scattered set with every kind of neighbour (standard -> ladder -> standard, ladder at the end).
-# The scattered set is also fitted (`ladder-convert --fit`): its refitted projections and unit norms served as any.
+# The scattered set is also fitted (`ladder-convert --fit --fit-outputs`, as `make demo` converts): its refitted
+# projections (input and output) and unit norms served as any.
 LAYER_SETS = {"top15": "15", "all30": "30", "scattered": "4-8,14,20-28"}
-FITTED = {"scattered": FitSettings(chats=16)}
+FITTED = {"scattered": FitSettings(chats=16, output_ridge=OUTPUT_RIDGE)}
 CHATS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I reverse a list in Python?",
          "Give me three tips for sleeping better."]  # fmt: skip
 NEW_TOKENS = 32
